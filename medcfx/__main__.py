@@ -1,0 +1,3 @@
+from medcfx.cli import main
+
+main()

@@ -1,0 +1,108 @@
+"""Configuration: nested dicts built from defaults, a preset, ``-c FILE.yaml`` and ``--set a.b=c``.
+
+The resolved config is what a run saves next to its checkpoints, so every run can be repeated.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from medcfx.errors import UsageError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 3e-4 as a float (YAML 1.2 style; YAML 1.1 would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return a new dict: ``override`` merged into ``base`` recursively (override wins on leaves)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def parse_set(items: Iterable[str]) -> dict:
+    """Turn ``["a.b=3", "c=[1,2]"]`` into ``{"a": {"b": 3}, "c": [1, 2]}`` (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"--set has an empty key part in {item!r}")
+        try:
+            value = yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {item!r} conflicts with an earlier --set")
+        node[parts[-1]] = value
+    return out
+
+
+def check_keys(config: dict, reference: dict, where: str = "") -> None:
+    """Refuse keys that the reference (defaults) does not know: a typo must not be silently ignored."""
+    for key, value in config.items():
+        path = f"{where}.{key}" if where else key
+        if key not in reference:
+            known = ", ".join(sorted(reference)) or "none"
+            raise UsageError(f"unknown config key '{path}' (known at this level: {known})")
+        if isinstance(value, dict) and isinstance(reference[key], dict) and reference[key]:
+            check_keys(value, reference[key], path)
+
+
+def resolve(defaults: dict, *layers: dict) -> dict:
+    """defaults <- layer1 <- layer2 ..., each layer checked against the defaults' keys."""
+    out = copy.deepcopy(defaults)
+    for layer in layers:
+        if layer:
+            check_keys(layer, defaults)
+            out = deep_merge(out, layer)
+    return out
+
+
+def get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
