@@ -1,0 +1,91 @@
+"""Guidance: functions that wrap a denoiser and return a denoiser (so they compose).
+
+- ``classifier_free`` (Ho & Salimans 2021; Sanchez et al. 2022, Alg. 1):
+      eps = eps(x, t, null) + w (eps(x, t, c) - eps(x, t, null)) = w eps(c) + (1 - w) eps(null).
+  Both branches are evaluated in ONE batched call of size 2B: x and t repeated, ``cond[key]`` followed by
+  the null label, every other cond entry repeated (all cond entries are batch-first). w = 1 calls only
+  the conditional branch, w = 0 only the null branch.
+- ``classifier_gradient`` (Dhariwal & Nichol 2021, eq. 14):
+      eps' = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t),
+  with abar_t = ``schedule.abar(t)`` for the model timestep t the denoiser is called with.
+- ``log_prob_gradient`` turns a classifier function (x, t, cond) -> log p(target | x_t) per sample [B] into
+  the gradient callable ``classifier_gradient`` needs (autograd through the classifier only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from medcfx.diffusion.ddim import Denoiser
+from medcfx.errors import UsageError
+
+__all__ = ["classifier_free", "classifier_gradient", "log_prob_gradient"]
+
+GradLogProb = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def classifier_free(denoiser: Denoiser, scale: float, null_label: int | torch.Tensor, key: str = "y") -> Denoiser:
+    """Classifier-free guidance with scale w towards ``cond[key]``; ``null_label`` is the unconditional value
+    of ``cond[key]`` (an int label index, or a tensor broadcastable to ``cond[key]``)."""
+    w = float(scale)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if key not in cond:
+            raise UsageError(f"classifier-free guidance needs the condition {key!r}; got {sorted(cond)}")
+        y = cond[key]
+        null = torch.as_tensor(null_label, dtype=y.dtype, device=y.device).expand_as(y)
+        if w == 1.0:
+            return denoiser(x, t, cond)
+        if w == 0.0:
+            return denoiser(x, t, {**cond, key: null})
+        both = {k: torch.cat([v, v]) for k, v in cond.items() if k != key}
+        both[key] = torch.cat([y, null])
+        eps = denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
+        eps_c, eps_null = eps.chunk(2)
+        return eps_null + w * (eps_c - eps_null)
+
+    return guided
+
+
+def classifier_gradient(denoiser: Denoiser, grad_log_prob: GradLogProb, scale: float, schedule) -> Denoiser:
+    """Classifier guidance: eps' = eps - scale * sqrt(1 - abar_t) * grad_log_prob(x_t, t, cond).
+
+    ``schedule`` is anything with ``abar(t, ndim)`` mapping model timesteps to alphas_cumprod (a Schedule).
+    """
+    s = float(scale)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        eps = denoiser(x, t, cond)
+        if s == 0.0:
+            return eps
+        grad = grad_log_prob(x, t, cond)
+        if grad.shape != x.shape:
+            raise UsageError(f"classifier gradient has shape {tuple(grad.shape)}, expected {tuple(x.shape)}")
+        a = schedule.abar(t, x.dim()).to(device=x.device, dtype=torch.float64)
+        coef = (s * (1.0 - a).sqrt()).to(eps.dtype)
+        return eps - coef * grad.to(eps.dtype)
+
+    return guided
+
+
+def log_prob_gradient(
+    classifier_fn: Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor],
+) -> GradLogProb:
+    """Build grad(x, t, cond) = d/dx sum_b log p(target_b | x_t[b]) from classifier_fn -> [B] log-probs.
+
+    Gradients are taken with respect to a detached copy of x (``requires_grad_``), with grad mode enabled
+    even inside a ``torch.no_grad`` sampling loop; the result is detached.
+    """
+
+    def grad(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            log_p = classifier_fn(xg, t, cond)
+            if log_p.shape != (x.shape[0],):
+                raise UsageError(f"classifier log-prob has shape {tuple(log_p.shape)}, expected ({x.shape[0]},)")
+            (g,) = torch.autograd.grad(log_p.sum(), xg)
+        return g.detach()
+
+    return grad
