@@ -1,0 +1,183 @@
+"""``medcfx models ...``: list, show, verify, remove, import and export registered models.
+
+Mounted by the root CLI with ``app.add_typer(models_app, name="models")``. Commands raise MedcfxError
+subclasses for the root to print as one line; ``verify`` exits 3 after listing every problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from medcfx.errors import MedcfxError
+from medcfx.registry import Entry, Registry, default_home, human_bytes
+
+models_app = typer.Typer(
+    help="Manage the model store ($MEDCFX_HOME, default ~/.medcfx): list, show, verify, rm, import, export.",
+    no_args_is_help=True,
+)
+
+VERIFY_FAILED_EXIT = 3
+
+
+def get_registry() -> Registry:
+    """The Registry at $MEDCFX_HOME (default ~/.medcfx) with the bundled catalogue.
+
+    The store folder may not exist yet (it is created on the first write), but if it exists it must be
+    a writable folder; the error names MEDCFX_HOME."""
+    home = default_home()
+    origin = "MEDCFX_HOME" if os.environ.get("MEDCFX_HOME", "").strip() else "the default MEDCFX_HOME"
+    if home.exists():
+        if not home.is_dir():
+            raise MedcfxError(f"{origin}={home} is not a folder; point MEDCFX_HOME at a writable folder")
+        if not os.access(home, os.W_OK | os.X_OK):
+            raise MedcfxError(f"{origin}={home} is not writable; point MEDCFX_HOME at a writable folder")
+    return Registry(home)
+
+
+def _key_metric(entry: Entry) -> tuple[str, Any] | None:
+    if not entry.metrics:
+        return None
+    name = next(iter(entry.metrics))
+    return name, entry.metrics[name]
+
+
+def _summary(entry: Entry) -> dict[str, Any]:
+    """The row ``list --json`` prints for one entry."""
+    metric = _key_metric(entry)
+    return {
+        "ref": entry.ref,
+        "name": entry.name,
+        "version": entry.version,
+        "method": entry.method,
+        "digest": entry.digest,
+        "bytes": entry.size,
+        "size": human_bytes(entry.size),
+        "created": entry.created,
+        "key_metric": None if metric is None else {"name": metric[0], "value": metric[1]},
+        "tags": list(entry.tags),
+        "parent": entry.parent,
+        "bundled": entry.bundled,
+    }
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@models_app.command("list")
+def list_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """List registered and bundled models."""
+    entries = get_registry().entries()
+    if as_json:
+        typer.echo(json.dumps([_summary(e) for e in entries], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not entries:
+        console.print(f"no models in {default_home()} (train one, or `medcfx models import FILE`)")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("ref", "method", "digest", "size", "created", "key metric", ""):
+        table.add_column(column, no_wrap=column in ("ref", "digest"))
+    for e in entries:
+        metric = _key_metric(e)
+        table.add_row(e.ref, e.method, e.digest[:12], human_bytes(e.size), e.created,
+                      "" if metric is None else f"{metric[0]}={_fmt_value(metric[1])}",
+                      "bundled" if e.bundled else "")
+    console.print(table)
+
+
+@models_app.command("show")
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="name, name:VERSION or sha256:PREFIX")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Show every field of one model, with the artifacts' locations."""
+    registry = get_registry()
+    entry = registry.resolve(ref)
+    record = {"ref": entry.ref, "digest": entry.digest, "bundled": entry.bundled, **entry.to_dict()}
+    for role, rec in record["artifacts"].items():
+        rec["file"] = str(registry.artifact_path(entry, role, verify=False))
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(record, sort_keys=False, allow_unicode=True).rstrip())
+
+
+@models_app.command("verify")
+def verify_cmd(
+    ref: Annotated[Optional[str], typer.Argument(help="One model; all models if left out.")] = None,
+) -> None:
+    """Check the sha256 of every artifact; exit 3 if any is missing, corrupt or modified."""
+    registry = get_registry()
+    entries = [registry.resolve(ref)] if ref is not None else registry.entries()
+    bad = 0
+    for entry in entries:
+        problems = registry.verify(entry)
+        if problems:
+            bad += 1
+            for _, problem in problems:
+                typer.echo(f"FAIL {entry.ref}: {problem}")
+        else:
+            typer.echo(f"OK   {entry.ref} ({len(entry.artifacts)} artifact(s))")
+    if bad:
+        typer.echo(f"{bad} of {len(entries)} model(s) failed verification", err=True)
+        raise typer.Exit(VERIFY_FAILED_EXIT)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+@models_app.command("rm")
+def rm_cmd(
+    ref: Annotated[str, typer.Argument(help="name (latest version), name:VERSION or sha256:PREFIX")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove one model version (and the stored files no other version uses)."""
+    registry = get_registry()
+    entry = registry.resolve(ref)
+    if entry.bundled:
+        registry.remove(entry.ref)  # raises the "bundled, cannot be removed" error
+    if not yes:
+        if not _interactive():
+            raise MedcfxError(f"models rm {ref}: refusing to remove {entry.ref} without confirmation; "
+                              f"pass --yes (stdin is not a terminal)")
+        if not typer.confirm(f"remove {entry.ref} ({entry.method}, {entry.digest[:12]})?", default=False):
+            typer.echo("nothing removed")
+            raise typer.Exit(1)
+    removed = registry.remove(entry.ref)
+    typer.echo(f"removed {removed.ref}")
+
+
+@models_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="A .tar / .tar.gz written by `medcfx models export`.")],
+) -> None:
+    """Import an exported model (verified before anything is registered)."""
+    entry = get_registry().import_(file)
+    source = entry.provenance.get("imported_from", {}).get("ref", "?")
+    typer.echo(f"imported {entry.ref} (was {source}, digest {entry.digest[:12]})")
+
+
+@models_app.command("export")
+def export_cmd(
+    ref: Annotated[str, typer.Argument(help="name, name:VERSION or sha256:PREFIX")],
+    out: Annotated[Path, typer.Argument(help="Output archive: .tar, .tar.gz or .tgz")],
+) -> None:
+    """Write one model (entry.yaml + verified artifacts) to a tar archive."""
+    registry = get_registry()
+    entry = registry.resolve(ref)
+    path = registry.export(entry, out)
+    typer.echo(f"exported {entry.ref} to {path}")
