@@ -1,0 +1,404 @@
+"""The ``medcfx`` command line (Typer). Thin: parse, check the request, call the method, print.
+
+Errors reach the user as one line on stderr and a non-zero exit (1 user error, 2 usage, 3 integrity);
+``--debug`` (or MEDCFX_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import medcfx
+from medcfx import config as cfgmod
+from medcfx.errors import MedcfxError, UsageError
+from medcfx.method import Method, Request
+from medcfx.plugins import get_plugins
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+METHOD_OPTIONS_HELP = "Method-specific options follow the method's own flags; `medcfx methods NAME` lists them."
+
+app = typer.Typer(
+    name="medcfx",
+    help="Diffusion counterfactuals for medical images: where is the disease, how severe, and why.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"medcfx {medcfx.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    """medcfx: train, explain, grade and evaluate diffusion counterfactual methods from plugins."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers shared by the method commands
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    elif device != "cpu":
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def _registry():
+    from medcfx.cli_models import get_registry
+
+    return get_registry()
+
+
+def _resolve_config(method: Method, command: str, config_file: Optional[Path], sets: list[str], preset: Optional[str] = None) -> dict:
+    defaults = dict(method.defaults)
+    presets = defaults.pop("presets", {})
+    layers = []
+    if preset:
+        if preset not in presets:
+            raise UsageError(f"unknown preset '{preset}' for method '{method.name}' (known: {', '.join(presets) or 'none'})")
+        layers.append(presets[preset])
+    if config_file:
+        layers.append(cfgmod.load_yaml(config_file))
+    layers.append(cfgmod.parse_set(sets))
+    return cfgmod.resolve(defaults, *layers)
+
+
+def _method_for(command: str, method: Optional[str], model: Optional[str]) -> tuple[Method, object]:
+    """Pick the method: --method, else the method recorded in the --model registry entry."""
+    plugins = get_plugins()
+    registry = None
+    if method is None:
+        if model is None:
+            capable = [m.name for m in plugins.methods().values() if command in m.capabilities]
+            if len(capable) == 1:
+                method = capable[0]
+            else:
+                raise UsageError(f"'{command}' needs --method (one of: {', '.join(capable) or 'none installed'}) or --model")
+        else:
+            registry = _registry()
+            method = registry.resolve(model).method
+    m = plugins.method(method)
+    m.require(command)
+    return m, registry
+
+
+def _run(m: Method, command: str, request: Request) -> None:
+    result = m.handler(command)(request)
+    if isinstance(result, dict) and result.get("printed") is not True:
+        summary = {k: v for k, v in result.items() if k != "printed"}
+        if summary:
+            console.print_json(json.dumps(summary, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# information commands
+
+
+@app.command()
+def env() -> None:
+    """Print versions and settings for bug reports."""
+    import importlib.metadata as md
+
+    import torch
+
+    def ver(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    rows = {
+        "medcfx": medcfx.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()),
+        "cuda available": str(torch.cuda.is_available()),
+        "bf16 (cpu)": str(getattr(torch.backends, "mkldnn", None) is not None and torch.backends.mkldnn.is_available()),
+    }
+    for dist in ("numpy", "typer", "pluggy", "rich", "safetensors", "nibabel", "scikit-learn", "pillow", "pyyaml",
+                 "onnx", "onnxruntime", "onnxruntime-gpu", "pydicom", "nilearn"):
+        rows[dist] = ver(dist)
+    try:
+        import onnxruntime
+
+        rows["onnxruntime providers"] = ", ".join(onnxruntime.get_available_providers())
+    except ImportError:
+        pass
+    rows["MEDCFX_HOME"] = os.environ.get("MEDCFX_HOME", "~/.medcfx (default)")
+    rows["plugins"] = ", ".join(f"{p.name} ({p.status})" for p in get_plugins().info) or "none"
+    rows["git commit"] = __import__("medcfx.train", fromlist=["git_commit"]).git_commit() or "unknown"
+    table = Table(show_header=False)
+    for k, v in rows.items():
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command()
+def methods(
+    name: Optional[str] = typer.Argument(None, help="Show one method with its options."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the installed methods and what each can do."""
+    plugins = get_plugins()
+    items = [plugins.method(name)] if name else list(plugins.methods().values())
+    if as_json:
+        console.print_json(json.dumps([m.describe() for m in items], default=str))
+        return
+    table = Table(title="medcfx methods")
+    for col in ("method", "plugin", "can", "channels", "conditioning", "targets", "summary"):
+        table.add_column(col)
+    for m in items:
+        table.add_row(m.name, m.plugin, ", ".join(sorted(m.capabilities)),
+                      ",".join(map(str, m.input_channels)) or "any", ", ".join(m.conditioning) or "-",
+                      ", ".join(m.targets) or "-", m.summary)
+    console.print(table)
+    if name:
+        for command, opts in items[0].options.items():
+            console.print(f"\n[bold]{command}[/bold] options:")
+            for o in opts:
+                console.print(f"  {o.flag} ({o.type.__name__}, default {o.default!r}): {o.help}")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the loaded plugins (built-in and entry points) and their hooks."""
+    p = get_plugins()
+    p.methods()
+    by_plugin: dict[str, list[str]] = {}
+    for m in p.methods().values():
+        by_plugin.setdefault(m.plugin, []).append(m.name)
+    rows = [
+        {"name": i.name, "source": i.source, "module": i.module, "status": i.status,
+         "hooks": list(i.hooks), "methods": by_plugin.get(i.name, [])}
+        for i in p.info
+    ]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="medcfx plugins")
+    for col in ("plugin", "source", "status", "hooks", "methods"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["source"], r["status"], ", ".join(r["hooks"]), ", ".join(r["methods"]))
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# method commands
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def train(
+    ctx: typer.Context,
+    method: str = typer.Argument(..., help="Method to train (see `medcfx methods`)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder or file."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config merged over the defaults."),
+    sets: list[str] = typer.Option([], "--set", help="Override one config value: a.b=c (repeatable)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named configuration preset of the method."),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name of the trained model."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this method on this data."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are created."),
+) -> None:
+    """Train a method's model; the result is registered in the model registry."""
+    m = get_plugins().method(method)
+    m.require("train")
+    options = m.parse_options("train", ctx.args)
+    if not data.exists():
+        raise UsageError(f"--data {data}: no such file or folder")
+    config = _resolve_config(m, "train", config_file, sets, preset)
+    request = Request(command="train", method=m, options=options, config=config, data=data, name=name,
+                      resume=resume, device=resolve_device(device), seed=seed, runs_dir=runs_dir,
+                      registry=_registry(), console=console, extra={"preset": preset})
+    _run(m, "train", request)
+
+
+def _inference_request(command: str, ctx: typer.Context, method: Optional[str], model: Optional[str],
+                       config_file, sets, device: str, seed: int, out: Optional[Path], **kw) -> tuple[Method, Request]:
+    m, registry = _method_for(command, method, model)
+    options = m.parse_options(command, ctx.args)
+    config = _resolve_config(m, command, config_file, sets)
+    request = Request(command=command, method=m, options=options, config=config, model=model, out=out,
+                      device=resolve_device(device), seed=seed, registry=registry or _registry(),
+                      console=console, **kw)
+    return m, request
+
+
+def _check_inputs(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"input {p}: no such file or folder")
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def explain(
+    ctx: typer.Context,
+    inputs: list[Path] = typer.Argument(..., help="Image(s), NIfTI volume(s) or case folder(s)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Method (default: the --model's method)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry reference: name, name:VERSION or sha256:PREFIX."),
+    out: Path = typer.Option(Path("medcfx-out"), "--out", "-o", help="Output folder."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
+    sets: list[str] = typer.Option([], "--set"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Explain images with counterfactuals: writes counterfactuals, maps, panels and provenance."""
+    m, request = _inference_request("explain", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
+    _check_inputs(inputs)
+    _run(m, "explain", request)
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def grade(
+    ctx: typer.Context,
+    inputs: list[Path] = typer.Argument(..., help="Image(s) to grade."),
+    method: Optional[str] = typer.Option(None, "--method", "-m"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    out: Path = typer.Option(Path("medcfx-out"), "--out", "-o"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
+    sets: list[str] = typer.Option([], "--set"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Grade severity and show counterfactuals across grades."""
+    m, request = _inference_request("grade", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
+    _check_inputs(inputs)
+    _run(m, "grade", request)
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def evaluate(
+    ctx: typer.Context,
+    method: str = typer.Argument(..., help="Method to evaluate."),
+    model: Optional[str] = typer.Option(None, "--model"),
+    data: Path = typer.Option(..., "--data", help="Annotated test set."),
+    out: Path = typer.Option(Path("medcfx-eval"), "--out", "-o"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
+    sets: list[str] = typer.Option([], "--set"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
+    m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data)
+    _check_inputs([data])
+    _run(m, "evaluate", request)
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def predict(
+    ctx: typer.Context,
+    inputs: list[Path] = typer.Argument(..., help="Images to classify."),
+    method: Optional[str] = typer.Option(None, "--method", "-m"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
+    sets: list[str] = typer.Option([], "--set"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Predict per-finding probabilities for images."""
+    m, request = _inference_request("predict", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
+    _check_inputs(inputs)
+    _run(m, "predict", request)
+
+
+@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
+def sample(
+    ctx: typer.Context,
+    method: Optional[str] = typer.Option(None, "--method", "-m"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    n: int = typer.Option(16, "-n", help="Number of images."),
+    out: Path = typer.Option(Path("medcfx-samples"), "--out", "-o"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
+    sets: list[str] = typer.Option([], "--set"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate new images from a model."""
+    if n < 1:
+        raise UsageError("-n must be >= 1")
+    m, request = _inference_request("sample", ctx, method, model, config_file, sets, device, seed, out, extra={"n": n})
+    _run(m, "sample", request)
+
+
+def _mount_subapps() -> None:
+    from medcfx.cli_models import models_app
+    from medcfx.data.cli import data_app
+
+    app.add_typer(models_app, name="models", help="The local model registry.")
+    app.add_typer(data_app, name="data", help="Datasets: check, prepare (cache), demo data.")
+
+
+_mount_subapps()
+
+
+def build_app() -> typer.Typer:
+    """The root app with every plugin's commands added (``register_commands`` hook)."""
+    get_plugins().add_commands(app)
+    return app
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEDCFX_DEBUG") == "1"
+    try:
+        rv = build_app()(args=argv, prog_name="medcfx", standalone_mode=False)
+        if isinstance(rv, int) and rv:  # typer.Exit(code) returns its code when not in standalone mode
+            sys.exit(rv)
+    except MedcfxError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]medcfx: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("medcfx: interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug: still one line, with the way to get the traceback
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            err_console.print("medcfx: aborted")
+            sys.exit(1)
+        if debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        err_console.print(f"[red]medcfx: internal error:[/red] {type(exc).__name__}: {msg} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)

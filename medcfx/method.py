@@ -1,0 +1,188 @@
+"""The contract a method plugin fulfils.
+
+A method is registered through the ``register_methods`` hook as a :class:`Method`: a name, the
+capabilities it declares, and three components:
+
+- a **trainer** with ``train(request) -> dict`` (the registry entry it created, as a dict);
+- a **sampler** with any of ``explain(request)``, ``sample(request)``, ``grade(request)`` (each returns a
+  JSON-able summary of what it wrote);
+- a **scorer** with ``evaluate(request) -> dict`` (metrics) and optionally ``predict(request)``.
+
+The CLI checks a command against ``capabilities`` before any work starts, parses the method's own
+options (declared as :class:`Option` per command) and hands the method one :class:`Request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from medcfx.errors import UsageError
+
+CAPABILITIES = ("train", "explain", "grade", "sample", "evaluate", "predict")
+
+# which component must provide which capability, and under which attribute name
+_PROVIDER = {
+    "train": ("trainer", "train"),
+    "explain": ("sampler", "explain"),
+    "grade": ("sampler", "grade"),
+    "sample": ("sampler", "sample"),
+    "evaluate": ("scorer", "evaluate"),
+    "predict": ("scorer", "predict"),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method-specific command-line option, e.g. ``Option("guidance", float, 3.0, "CFG scale w")``.
+
+    ``--guidance 3`` on the command line sets ``request.options["guidance"]``. ``type`` is one of
+    ``int, float, str, bool`` (bool options are flags: ``--reconstruct``), or ``list`` for a
+    comma-separated list of strings.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def convert(self, raw: str | None) -> Any:
+        if self.type is bool:
+            if raw is None:
+                return True
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise UsageError(f"{self.flag} expects true/false, got {raw!r}")
+        if raw is None:
+            raise UsageError(f"{self.flag} needs a value")
+        try:
+            if self.type is list:
+                value: Any = [p.strip() for p in raw.split(",") if p.strip()]
+            else:
+                value = self.type(raw)
+        except ValueError:
+            raise UsageError(f"{self.flag} expects {self.type.__name__}, got {raw!r}") from None
+        if self.choices and value not in self.choices:
+            raise UsageError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {raw!r}")
+        return value
+
+
+@dataclass
+class Request:
+    """Everything a method component needs for one command. Fields a command does not use stay None."""
+
+    command: str
+    method: "Method"
+    options: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    data: Path | None = None
+    inputs: list[Path] = field(default_factory=list)
+    out: Path | None = None
+    model: str | None = None
+    name: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    runs_dir: Path = Path("runs")
+    registry: Any = None
+    console: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+
+@dataclass
+class Method:
+    """A registered method. ``capabilities`` is checked against the components at registration."""
+
+    name: str
+    summary: str
+    capabilities: frozenset | set | tuple = ()
+    trainer: Any = None
+    sampler: Any = None
+    scorer: Any = None
+    input_channels: tuple[int, ...] = ()  # empty: any channel count
+    conditioning: tuple[str, ...] = ()  # e.g. ("label", "image", "semantic", "classifier")
+    targets: tuple[str, ...] = ()  # e.g. ("healthy",) or ("no-cardiomegaly", "cardiomegaly", ...)
+    options: dict[str, list[Option]] = field(default_factory=dict)  # per command
+    defaults: dict = field(default_factory=dict)  # default config (train presets live under "presets")
+    plugin: str = ""  # filled in by the plugin manager
+
+    def __post_init__(self) -> None:
+        self.capabilities = frozenset(self.capabilities)
+        unknown = self.capabilities - set(CAPABILITIES)
+        if unknown:
+            raise ValueError(f"method {self.name!r} declares unknown capabilities {sorted(unknown)}")
+        for cap in self.capabilities:
+            component, attr = _PROVIDER[cap]
+            if not callable(getattr(getattr(self, component), attr, None)):
+                raise ValueError(f"method {self.name!r} declares {cap!r} but its {component} has no {attr}()")
+        for command in self.options:
+            if command not in CAPABILITIES:
+                raise ValueError(f"method {self.name!r} declares options for unknown command {command!r}")
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            can = ", ".join(sorted(self.capabilities)) or "nothing"
+            raise UsageError(f"method '{self.name}' cannot {capability} (it can: {can})")
+
+    def handler(self, capability: str) -> Callable[[Request], Any]:
+        self.require(capability)
+        component, attr = _PROVIDER[capability]
+        return getattr(getattr(self, component), attr)
+
+    def parse_options(self, command: str, args: list[str]) -> dict:
+        """Parse leftover command-line tokens against this method's options for ``command``."""
+        declared = {o.flag: o for o in self.options.get(command, [])}
+        values = {o.name: o.default for o in declared.values()}
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if not token.startswith("--"):
+                raise UsageError(f"unexpected argument {token!r}")
+            flag, _, inline = token.partition("=")
+            opt = declared.get(flag)
+            if opt is None:
+                known = ", ".join(sorted(declared)) or "none"
+                raise UsageError(f"unknown option {flag} for '{command}' with method '{self.name}' (its options: {known})")
+            if opt.type is bool:
+                raw = inline if "=" in token else None
+            elif "=" in token:
+                raw = inline
+            else:
+                i += 1
+                if i >= len(args):
+                    raise UsageError(f"{flag} needs a value")
+                raw = args[i]
+            values[opt.name] = opt.convert(raw)
+            i += 1
+        return values
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "summary": self.summary,
+            "capabilities": sorted(self.capabilities),
+            "input_channels": list(self.input_channels),
+            "conditioning": list(self.conditioning),
+            "targets": list(self.targets),
+            "options": {
+                cmd: [
+                    {"flag": o.flag, "type": o.type.__name__, "default": o.default, "help": o.help}
+                    for o in opts
+                ]
+                for cmd, opts in self.options.items()
+            },
+        }
