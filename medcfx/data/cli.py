@@ -1,0 +1,151 @@
+"""``medcfx data ...``: check a dataset, prepare (preprocess into the cache), write demo data.
+
+Thin: parse, call :mod:`medcfx.data`, print with rich. Every user error is a MedcfxError (the root CLI
+prints it as one line).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medcfx.errors import MedcfxError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+data_app = typer.Typer(
+    help="Datasets: check a layout for problems, prepare (preprocess into the cache), write demo data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+KIND_HELP = "Layout kind (brats, folder, csv, nnunet, npz); detected when omitted."
+
+
+@data_app.command("check")
+def check_cmd(
+    path: Path = typer.Argument(..., help="Dataset folder, labels.csv or .npz."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="MRI channels, comma-separated (default t1,t1ce,t2,flair)."),
+) -> None:
+    """Scan a dataset and list EVERY problem (exit 1 when there is any)."""
+    from medcfx.data.check import check
+
+    report = check(path, kind=kind, modalities=modalities)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))  # plain: never wrapped by the terminal width
+    else:
+        _print_report(report)
+    if not report.ok:
+        # a MedcfxError (not typer.Exit) so the exit status is 1 however the app is mounted
+        raise MedcfxError(f"{path}: {len(report.problems)} problem(s) found")
+
+
+def _print_report(report) -> None:
+    t = Table(title=f"{report.path}", show_header=False, title_justify="left")
+    t.add_row("layout", str(report.kind))
+    t.add_row("cases", str(report.cases))
+    t.add_row("files", str(report.files))
+    t.add_row("channels", ", ".join(report.channels) or "-")
+    if report.shapes:
+        t.add_row("shapes", "; ".join(f"{k} ({v})" for k, v in report.shapes.items()))
+    if report.spacings:
+        t.add_row("spacing", "; ".join(f"{k} mm ({v})" for k, v in report.spacings.items()))
+    for name, counts in report.label_counts.items():
+        t.add_row(f"label {name}", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if report.splits:
+        t.add_row("splits", ", ".join(f"{k} {v}" for k, v in report.splits.items()))
+    console.print(t)
+    for line in report.info:
+        console.print(f"[cyan]info[/cyan] {line}", highlight=False, soft_wrap=True)
+    for line in report.problems:
+        console.print(f"[red]problem[/red] {line}", highlight=False, soft_wrap=True)
+    if report.ok:
+        console.print("[green]no problems found[/green]")
+    else:
+        console.print(f"[red]{len(report.problems)} problem(s)[/red]")
+
+
+def load_preprocess_yaml(path: Path) -> dict:
+    """Preprocess keys from a YAML file: top level, or under a ``preprocess:`` / ``data:`` section."""
+    from medcfx.config import load_yaml
+
+    data = load_yaml(path)
+    for section in ("preprocess", "data"):
+        if isinstance(data.get(section), dict):
+            return dict(data[section])
+    return data
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    path: Path = typer.Argument(..., help="Dataset folder, labels.csv or .npz."),
+    size: Optional[int] = typer.Option(None, "--size", help="Output side in pixels (default 64)."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="MRI channels, comma-separated (default t1,t1ce,t2,flair)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with preprocess keys."),
+    kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default $MEDCFX_CACHE, $MEDCFX_HOME/cache, ~/.medcfx/cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Preprocess a dataset into the cache (a second run with the same files and config is instant)."""
+    from medcfx.data.preprocess import PreprocessConfig, prepare
+
+    values = load_preprocess_yaml(config_file) if config_file else {}
+    if size is not None:
+        values["size"] = size
+    if modalities is not None:
+        values["modalities"] = modalities
+    cfg = PreprocessConfig.from_dict(values)
+    ss = prepare(path, cfg, cache_dir=cache, progress=not as_json, kind=kind)
+    summary = {
+        "cache": str(ss.path),
+        "fingerprint": ss.fingerprint,
+        "kind": ss.kind,
+        "cases": len(ss.cases),
+        "slices": len(ss),
+        "channels": ss.channels,
+        "size": ss.size,
+        "labels": ss.label_counts(),
+        "masks": ss.masks is not None,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"prepared {path}", show_header=False, title_justify="left")
+    t.add_row("layout", ss.kind)
+    t.add_row("cases", str(summary["cases"]))
+    t.add_row("slices", f"{len(ss)} x {len(ss.channels)} x {ss.size} x {ss.size}")
+    t.add_row("channels", ", ".join(ss.channels))
+    for name, counts in summary["labels"].items():
+        t.add_row(f"label {name}", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    t.add_row("masks", "yes" if summary["masks"] else "no")
+    console.print(t)
+    console.print(f"cache folder: {summary['cache']}", highlight=False, soft_wrap=True)
+
+
+@data_app.command("demo")
+def demo_cmd(
+    kind: str = typer.Argument(..., help="brain, vertebra or chest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created)."),
+    cases: Optional[int] = typer.Option(None, "--cases", help="Number of cases (default per kind)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Write a small synthetic dataset in a real layout (offline demo data)."""
+    try:
+        from medcfx.data.demo import DEMO_KINDS, make_demo
+    except ImportError as exc:
+        raise MedcfxError(f"demo data is not available in this installation: {exc}") from None
+    if kind not in DEMO_KINDS:
+        raise UsageError(f"unknown demo kind {kind!r}; choose one of: {', '.join(DEMO_KINDS)}")
+    opts = {"overwrite": True} if overwrite else {}
+    written = make_demo(kind, out, cases=cases, seed=seed, **opts)
+    console.print(f"wrote {kind} demo data to {written}", highlight=False)

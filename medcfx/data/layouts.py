@@ -1,0 +1,712 @@
+"""Dataset layouts: find the cases, their channel files, masks and labels on disk (no pixel data read).
+
+:func:`detect_layout` recognises a folder or file; :func:`load_layout` reads it as a named kind. Both return
+a :class:`Layout` whose ``problems`` lists EVERY problem found while scanning (a missing modality, a
+labels.csv naming a missing file, a value that is not 0/1, ...): the scan never stops at the first. Reading
+pixel data (NaN, shapes, corrupt files) is left to :func:`medcfx.data.check.check` and the preprocessing.
+
+Kinds (``LAYOUT_KINDS``):
+
+``brats``
+    A folder of case folders, each with ``<case>_t1``, ``_t1ce``, ``_t2``, ``_flair`` (``.nii.gz`` or
+    ``.nii``) and an optional ``_seg``; BraTS 2023 names ``<case>-t1n``, ``-t1c``, ``-t2w``, ``-t2f``,
+    ``-seg`` map onto t1, t1ce, t2, flair, seg. A path that is itself one case folder is a dataset of one
+    case. Channels are the requested ``modalities`` in that order (default t1, t1ce, t2, flair); label
+    ``unhealthy`` per slice from the segmentation (unknown when a case has no ``_seg``).
+``folder``
+    ``normal/`` and ``abnormal/`` image folders (either may be absent, not both) and an optional ``masks/``
+    whose files carry the names of the ``abnormal/`` images (the suffix may differ). One label
+    ``abnormal`` (0 normal, 1 abnormal). With ``masks/``, normal images count as "known lesion-free".
+``csv``
+    A ``labels.csv`` (the path of the csv, or a folder holding one): first column ``file`` (relative to the
+    csv's folder); columns ``grade`` (integer, may be empty), ``split`` (train/val/test, may be empty),
+    ``bbox_<label>`` (``x0;y0;x1;y1`` pixel coordinates, x along the width; empty = no box), ``meta_<name>``
+    (free-form per-image information, ignored by the reader); every other column is a label with values
+    0/1 (an empty cell = unlabelled, NaN).
+``nnunet``
+    nnU-Net raw: ``dataset.json`` (``channel_names`` or ``modality``; ``labels``; ``file_ending``),
+    ``imagesTr/<case>_0000<ending>`` ... per channel, ``labelsTr/<case><ending>``. 3D (NIfTI) or 2D
+    (``.png``). Label ``unhealthy`` = any label value > 0 in the slice.
+``npz``
+    MedMNIST-style ``.npz``: ``train_images``/``train_labels`` (and ``val_``, ``test_``), images
+    [N, H, W] or [N, H, W, C] uint8. Labels: one 0/1 column -> label ``label``; several columns
+    (multi-label) -> ``label_0`` ...; one integer column with values above 1 (multi-class) -> one-hot
+    ``class_0`` ... and the class index also as ``grade``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from medcfx.data.io import (
+    IMAGE_SUFFIXES,
+    VOLUME_SUFFIXES,
+    is_image_file,
+    is_volume_file,
+    strip_suffix,
+    suffix_of,
+)
+from medcfx.errors import MedcfxError, UsageError
+
+LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "npz")
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+SPLITS = ("train", "val", "test")
+
+# every spelling of a modality that medcfx maps onto the canonical names (case-insensitive)
+MODALITY_ALIASES = {
+    "t1": ("t1", "t1n", "t1w", "t1-native"),
+    "t1ce": ("t1ce", "t1c", "t1gd", "t1-gd", "t1post", "t1-ce", "t1wce"),
+    "t2": ("t2", "t2w"),
+    "flair": ("flair", "t2f", "t2-flair", "t2flair"),
+}
+_ALIAS_TO_CANON = {alias: canon for canon, aliases in MODALITY_ALIASES.items() for alias in aliases}
+
+# BraTS file name suffixes: <case>_t1ce.nii.gz (2018-2021) and <case>-t1c.nii.gz (2023)
+_BRATS_SUFFIX = re.compile(r"^(?P<case>.+?)[_-](?P<mod>t1ce|t1c|t1n|t1|t2w|t2f|t2|flair|seg)$", re.IGNORECASE)
+
+
+def canonical_modality(name: str) -> str | None:
+    """``"T1Gd"`` -> ``"t1ce"``, ``"t2f"`` -> ``"flair"``; None when the name is not an MRI modality alias."""
+    return _ALIAS_TO_CANON.get(name.strip().lower())
+
+
+def resolve_modalities(modalities: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Validate a modality list (aliases allowed) into canonical names, in the given order."""
+    if modalities is None:
+        return MODALITIES
+    if isinstance(modalities, str):
+        modalities = [m for m in modalities.split(",") if m.strip()]
+    out = []
+    for m in modalities:
+        canon = canonical_modality(str(m))
+        if canon is None:
+            raise UsageError(f"unknown modality {m!r}; known: {', '.join(MODALITIES)} (or BraTS 2023 t1n, t1c, t2w, t2f)")
+        if canon in out:
+            raise UsageError(f"modality {m!r} given twice (as {canon})")
+        out.append(canon)
+    if not out:
+        raise UsageError("the modality list is empty")
+    return tuple(out)
+
+
+@dataclass
+class Case:
+    """One case: its channel files in the layout's channel order, optional mask, labels and annotations.
+
+    ``labels`` maps label name -> 1.0 / 0.0 / NaN (unlabelled). ``grade`` is NaN when absent. ``bbox`` maps a
+    label name -> (x0, y0, x1, y1) in pixel coordinates of the original image. ``mask_empty`` marks an
+    image known to have no lesion (a normal image in a layout with masks). ``item`` addresses a row in an
+    array file (npz: ``("train", 17)``).
+    """
+
+    id: str
+    channels: list[Path]
+    mask: Path | None = None
+    labels: dict[str, float] = field(default_factory=dict)
+    grade: float = math.nan
+    bbox: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    split: str | None = None
+    item: tuple[str, int] | None = None
+    mask_empty: bool = False
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None or self.mask_empty
+
+
+@dataclass
+class Layout:
+    """A scanned dataset. ``dims`` is 3 for NIfTI volumes (sliced) and 2 for images."""
+
+    kind: str
+    root: Path
+    cases: list[Case]
+    channels: list[str]
+    label_names: list[str]
+    problems: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+    dims: int = 3
+    extra_files: list[Path] = field(default_factory=list)  # labels.csv, dataset.json: part of the fingerprint
+
+    def files(self) -> list[Path]:
+        """Every input file (channels, masks, csv/json), sorted and without repeats."""
+        seen: set[Path] = set(self.extra_files)
+        for c in self.cases:
+            seen.update(c.channels)
+            if c.mask is not None:
+                seen.add(c.mask)
+        return sorted(seen)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(c.has_mask for c in self.cases)
+
+    def summary(self) -> str:
+        return f"{self.kind} dataset at {self.root}: {len(self.cases)} case(s), channels {', '.join(self.channels)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detection
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".") and not p.name.startswith("_")
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if _visible(p))
+    except OSError as exc:
+        raise MedcfxError(f"cannot list {path}: {exc.strerror or exc}") from None
+
+
+def _brats_files(folder: Path) -> list[Path]:
+    return [p for p in _listdir(folder) if p.is_file() and is_volume_file(p) and _BRATS_SUFFIX.match(strip_suffix(p))]
+
+
+def detect_kind(path: str | Path) -> str:
+    """The layout kind of ``path`` (see the module docstring), or a MedcfxError saying what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise MedcfxError(f"{path}: no such file or folder")
+    if path.is_file():
+        suf = suffix_of(path)
+        if suf == ".npz":
+            return "npz"
+        if suf == ".csv":
+            return "csv"
+        if path.name == "dataset.json":
+            return "nnunet"
+        raise MedcfxError(f"{path}: a dataset is a folder, a labels.csv or a .npz file, not a {suf or 'suffix-less'} file")
+    entries = _listdir(path)
+    if not entries:
+        raise MedcfxError(f"{path}: folder is empty")
+    names = {p.name for p in entries}
+    if "dataset.json" in names and "imagesTr" in names:
+        return "nnunet"
+    if "labels.csv" in names:
+        return "csv"
+    if ("normal" in names and (path / "normal").is_dir()) or ("abnormal" in names and (path / "abnormal").is_dir()):
+        return "folder"
+    if _brats_files(path):
+        return "brats"
+    subdirs = [p for p in entries if p.is_dir()]
+    if any(_brats_files(d) for d in subdirs):
+        return "brats"
+    npz = [p for p in entries if p.is_file() and suffix_of(p) == ".npz"]
+    if len(npz) == 1:
+        return "npz"
+    raise MedcfxError(
+        f"{path}: no known dataset layout found; expected BraTS case folders (<case>/<case>_t1.nii.gz ...), "
+        "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net folder (dataset.json + imagesTr/) or a .npz"
+    )
+
+
+def detect_layout(path: str | Path, modalities: Sequence[str] | None = None) -> Layout:
+    """Recognise the layout of ``path`` and scan it (see :func:`load_layout`)."""
+    return load_layout(path, detect_kind(path), modalities=modalities)
+
+
+def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = None) -> Layout:
+    """Scan ``path`` as layout ``kind``. ``modalities`` selects and orders MRI channels (brats, nnunet)."""
+    path = Path(path)
+    if kind not in LAYOUT_KINDS:
+        raise UsageError(f"unknown layout kind {kind!r}; choose one of: {', '.join(LAYOUT_KINDS)}")
+    if not path.exists():
+        raise MedcfxError(f"{path}: no such file or folder")
+    mods = resolve_modalities(modalities)
+    if kind == "brats":
+        return _scan_brats(path, mods)
+    if kind == "folder":
+        return _scan_folder(path)
+    if kind == "csv":
+        return _scan_csv(path)
+    if kind == "nnunet":
+        return _scan_nnunet(path, mods)
+    return _scan_npz(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BraTS
+
+
+def _scan_brats(path: Path, modalities: tuple[str, ...]) -> Layout:
+    if not path.is_dir():
+        raise MedcfxError(f"{path}: a BraTS dataset is a folder of case folders")
+    problems: list[str] = []
+    info: list[str] = []
+    if _brats_files(path):
+        case_dirs = [path]
+        root = path
+    else:
+        entries = _listdir(path)
+        if not entries:
+            raise MedcfxError(f"{path}: folder is empty")
+        case_dirs = [p for p in entries if p.is_dir()]
+        root = path
+        stray = [p.name for p in entries if p.is_file() and is_volume_file(p)]
+        if stray:
+            problems.append(f"{path}: NIfTI file(s) outside a case folder: {', '.join(stray[:5])}")
+    cases: list[Case] = []
+    no_seg = []
+    for d in case_dirs:
+        files = _listdir(d)
+        found: dict[str, list[Path]] = {}
+        for f in files:
+            if not f.is_file() or not is_volume_file(f):
+                continue
+            m = _BRATS_SUFFIX.match(strip_suffix(f))
+            if not m:
+                continue
+            mod = m.group("mod").lower()
+            mod = "seg" if mod == "seg" else _ALIAS_TO_CANON[mod]
+            found.setdefault(mod, []).append(f)
+        if not found:
+            problems.append(f"{d}: no BraTS NIfTI files (<case>_t1.nii.gz, _t1ce, _t2, _flair or 2023 -t1n, -t1c, -t2w, -t2f)")
+            continue
+        channel_paths: list[Path] = []
+        ok = True
+        for mod in modalities:
+            got = found.get(mod, [])
+            if not got:
+                problems.append(f"{d}: case {d.name} is missing modality {mod} (expected {d.name}_{mod}.nii.gz)")
+                ok = False
+            elif len(got) > 1:
+                problems.append(f"{d}: modality {mod} given by several files: {', '.join(p.name for p in got)}")
+                ok = False
+            else:
+                channel_paths.append(got[0])
+        segs = found.get("seg", [])
+        if len(segs) > 1:
+            problems.append(f"{d}: several segmentation files: {', '.join(p.name for p in segs)}")
+            ok = False
+        if not ok:
+            continue
+        seg = segs[0] if segs else None
+        if seg is None:
+            no_seg.append(d.name)
+        labels = {"unhealthy": math.nan}
+        cases.append(Case(id=d.name, channels=channel_paths, mask=seg, labels=labels))
+    if not case_dirs:
+        problems.append(f"{path}: no case folders")
+    if no_seg:
+        info.append(f"{len(no_seg)} case(s) without a segmentation (slice labels unknown): {', '.join(no_seg[:5])}"
+                    + (" ..." if len(no_seg) > 5 else ""))
+    return Layout("brats", root, cases, list(modalities), ["unhealthy"], problems, info, dims=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# image folders
+
+
+def _image_files(folder: Path, problems: list[str]) -> list[Path]:
+    out = []
+    for p in _listdir(folder):
+        if p.is_dir():
+            continue
+        if is_image_file(p):
+            out.append(p)
+        elif is_volume_file(p):
+            problems.append(f"{p}: a NIfTI volume in a 2D image folder")
+    return out
+
+
+def _scan_folder(path: Path) -> Layout:
+    if not path.is_dir():
+        raise MedcfxError(f"{path}: an image-folder dataset is a folder with normal/ and/or abnormal/")
+    problems: list[str] = []
+    info: list[str] = []
+    normal_dir, abnormal_dir, masks_dir = path / "normal", path / "abnormal", path / "masks"
+    if not normal_dir.is_dir() and not abnormal_dir.is_dir():
+        raise MedcfxError(f"{path}: expected a normal/ and/or an abnormal/ folder")
+    normal = _image_files(normal_dir, problems) if normal_dir.is_dir() else []
+    abnormal = _image_files(abnormal_dir, problems) if abnormal_dir.is_dir() else []
+    for d, files in ((normal_dir, normal), (abnormal_dir, abnormal)):
+        if d.is_dir() and not files:
+            problems.append(f"{d}: folder holds no images")
+    have_masks = masks_dir.is_dir()
+    masks: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
+    if have_masks:
+        for m in _image_files(masks_dir, problems):
+            masks[m.name] = m
+            by_stem.setdefault(strip_suffix(m), []).append(m)
+    cases: list[Case] = []
+    used: set[Path] = set()
+    for p in normal:
+        cases.append(Case(id=f"normal/{p.name}", channels=[p], labels={"abnormal": 0.0}, mask_empty=have_masks))
+    missing = []
+    for p in abnormal:
+        mask = None
+        if have_masks:
+            mask = masks.get(p.name)
+            if mask is None:
+                cands = by_stem.get(strip_suffix(p), [])
+                if len(cands) == 1:
+                    mask = cands[0]
+                elif len(cands) > 1:
+                    problems.append(f"{p}: several masks match: {', '.join(c.name for c in cands)}")
+            if mask is None:
+                missing.append(p.name)
+            else:
+                used.add(mask)
+        cases.append(Case(id=f"abnormal/{p.name}", channels=[p], mask=mask, labels={"abnormal": 1.0}))
+    if have_masks:
+        orphans = sorted(m.name for m in masks.values() if m not in used)
+        for name in orphans:
+            problems.append(f"{masks_dir / name}: mask without an image of the same name in abnormal/")
+        if missing:
+            info.append(f"{len(missing)} abnormal image(s) without a mask: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return Layout("folder", path, cases, ["image"], ["abnormal"], problems, info, dims=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# labels.csv
+
+
+def _parse_01(value: str) -> float | None:
+    """'1' / '0' / '1.0' / '' -> 1.0 / 0.0 / 1.0 / NaN; anything else None."""
+    v = value.strip()
+    if v == "":
+        return math.nan
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if f in (0.0, 1.0) else None
+
+
+def _parse_bbox(value: str) -> tuple[float, float, float, float] | None | str:
+    v = value.strip()
+    if not v:
+        return None
+    parts = [p.strip() for p in v.split(";")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        return "not numbers"
+    if len(nums) != 4:
+        return f"{len(nums)} numbers instead of 4"
+    x0, y0, x1, y1 = nums
+    if not all(math.isfinite(n) for n in nums) or x1 <= x0 or y1 <= y0 or min(nums) < 0:
+        return "needs 0 <= x0 < x1 and 0 <= y0 < y1"
+    return (x0, y0, x1, y1)
+
+
+def _scan_csv(path: Path) -> Layout:
+    csv_path = path / "labels.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise MedcfxError(f"{path}: no labels.csv")
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MedcfxError(f"cannot read {csv_path}: {type(exc).__name__}: {exc}") from None
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise MedcfxError(f"{csv_path}: file is empty (expected a header row starting with 'file')")
+    header = [h.strip() for h in rows[0]]
+    if not header or header[0] != "file":
+        raise MedcfxError(f"{csv_path}: the first column must be 'file', got {header[0] if header else ''!r}")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise MedcfxError(f"{csv_path}: duplicate column(s): {', '.join(dup)}")
+    if "" in header:
+        raise MedcfxError(f"{csv_path}: a column has an empty name")
+    label_cols = [h for h in header[1:] if h not in ("grade", "split") and not h.startswith(("bbox_", "meta_"))]
+    bbox_cols = [h for h in header if h.startswith("bbox_")]
+    problems: list[str] = []
+    info: list[str] = []
+    for b in bbox_cols:
+        if b[5:] not in label_cols:
+            problems.append(f"{csv_path}: column {b} names no label column ({b[5:]!r} is not a column)")
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    col = {h: i for i, h in enumerate(header)}
+    for lineno, row in enumerate(rows[1:], start=2):
+        where = f"{csv_path.name} line {lineno}"
+        if len(row) != len(header):
+            problems.append(f"{where}: {len(row)} cells, the header has {len(header)}")
+            continue
+        rel = row[0].strip()
+        if not rel:
+            problems.append(f"{where}: empty 'file' cell")
+            continue
+        file = (base / rel)
+        if rel in seen:
+            problems.append(f"{where}: file {rel} already listed on line {seen[rel]}")
+            continue
+        seen[rel] = lineno
+        bad = False
+        if not file.is_file():
+            problems.append(f"{where}: file {rel} not found (looked for {file})")
+            bad = True
+        elif not is_image_file(file):
+            if is_volume_file(file):
+                problems.append(f"{where}: {rel} is a NIfTI volume; a labels.csv lists 2D images ({', '.join(IMAGE_SUFFIXES)})")
+            else:
+                problems.append(f"{where}: {rel} has an unsupported file type; supported: {', '.join(IMAGE_SUFFIXES)}")
+            bad = True
+        labels = {}
+        for name in label_cols:
+            v = _parse_01(row[col[name]])
+            if v is None:
+                problems.append(f"{where}: column {name} must be 0, 1 or empty, got {row[col[name]]!r}")
+                bad = True
+            else:
+                labels[name] = v
+        grade = math.nan
+        if "grade" in col and row[col["grade"]].strip():
+            g = row[col["grade"]].strip()
+            try:
+                gf = float(g)
+                if not gf.is_integer():
+                    raise ValueError
+                grade = float(gf)
+            except ValueError:
+                problems.append(f"{where}: grade must be an integer or empty, got {g!r}")
+                bad = True
+        split = None
+        if "split" in col and row[col["split"]].strip():
+            split = row[col["split"]].strip().lower()
+            if split not in SPLITS:
+                problems.append(f"{where}: split must be one of {', '.join(SPLITS)} or empty, got {row[col['split']]!r}")
+                bad = True
+        boxes = {}
+        for b in bbox_cols:
+            parsed = _parse_bbox(row[col[b]])
+            if isinstance(parsed, str):
+                problems.append(f"{where}: {b} must be 'x0;y0;x1;y1' ({parsed}), got {row[col[b]]!r}")
+                bad = True
+            elif parsed is not None:
+                boxes[b[5:]] = parsed
+        if not bad:
+            cases.append(Case(id=rel, channels=[file], labels=labels, grade=grade, bbox=boxes, split=split))
+    if len(rows) == 1:
+        problems.append(f"{csv_path}: no rows below the header")
+    if not label_cols:
+        info.append(f"{csv_path.name}: no label columns")
+    return Layout("csv", base, cases, ["image"], label_cols, problems, info, dims=2, extra_files=[csv_path])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nnU-Net raw
+
+
+def _scan_nnunet(path: Path, modalities: tuple[str, ...]) -> Layout:
+    root = path.parent if path.is_file() else path
+    js = root / "dataset.json"
+    if not js.is_file():
+        raise MedcfxError(f"{root}: no dataset.json (an nnU-Net raw dataset needs dataset.json and imagesTr/)")
+    try:
+        meta = json.loads(js.read_text())
+    except (OSError, ValueError) as exc:
+        raise MedcfxError(f"cannot read {js}: {type(exc).__name__}: {exc}") from None
+    names = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(names, dict) or not names:
+        raise MedcfxError(f"{js}: needs a 'channel_names' (or 'modality') mapping like {{\"0\": \"T1\"}}")
+    try:
+        order = sorted(names, key=lambda k: int(k))
+    except ValueError:
+        raise MedcfxError(f"{js}: channel_names keys must be channel numbers \"0\", \"1\", ...") from None
+    channel_names = [str(names[k]) for k in order]
+    channel_ids = [int(k) for k in order]
+    ending = meta.get("file_ending", ".nii.gz")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    problems: list[str] = []
+    info: list[str] = []
+    if not images_dir.is_dir():
+        raise MedcfxError(f"{root}: no imagesTr/ folder")
+    pat = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+    found: dict[str, dict[int, Path]] = {}
+    for f in _listdir(images_dir):
+        if not f.is_file():
+            continue
+        if not f.name.endswith(ending):
+            problems.append(f"{f}: file does not end in {ending} (dataset.json file_ending)")
+            continue
+        m = pat.match(f.name[: -len(ending)])
+        if not m:
+            problems.append(f"{f}: name is not <case>_XXXX{ending}")
+            continue
+        found.setdefault(m.group("case"), {})[int(m.group("ch"))] = f
+    if not found:
+        problems.append(f"{images_dir}: no images")
+    # MRI channel names (T1, T1Gd, FLAIR ...) are selected and ordered by `modalities`; otherwise all channels
+    canon = [canonical_modality(n) for n in channel_names]
+    if all(c is not None for c in canon) and len(set(canon)) == len(canon):
+        missing = [m for m in modalities if m not in canon]
+        if missing:
+            problems.append(f"{js}: no channel for modality {', '.join(missing)} (channels: {', '.join(channel_names)})")
+            select = [channel_ids[canon.index(m)] for m in modalities if m in canon]
+            channels = [m for m in modalities if m in canon]
+        else:
+            select = [channel_ids[canon.index(m)] for m in modalities]
+            channels = list(modalities)
+    else:
+        select, channels = channel_ids, channel_names
+        info.append(f"channels {', '.join(channel_names)} are not all MRI modalities: all are used, in dataset.json order")
+    dims = 2 if ending.lower() in (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg") else 3
+    if dims == 3 and ending not in VOLUME_SUFFIXES:
+        raise MedcfxError(f"{js}: file_ending {ending} not supported (use .nii.gz, .nii or .png)")
+    cases = []
+    for case_id in sorted(found):
+        chans = found[case_id]
+        absent = [f"{i:04d}" for i in channel_ids if i not in chans]
+        if absent:
+            problems.append(f"{images_dir}: case {case_id} is missing channel file(s) {', '.join(f'{case_id}_{a}{ending}' for a in absent)}")
+            continue
+        extra = sorted(set(chans) - set(channel_ids))
+        if extra:
+            problems.append(f"{images_dir}: case {case_id} has channel(s) {extra} not in dataset.json")
+        seg = labels_dir / f"{case_id}{ending}"
+        mask = seg if seg.is_file() else None
+        cases.append(Case(id=case_id, channels=[chans[i] for i in select], mask=mask, labels={"unhealthy": math.nan}))
+    if labels_dir.is_dir():
+        known = set(found)
+        for f in _listdir(labels_dir):
+            if f.is_file() and f.name.endswith(ending) and f.name[: -len(ending)] not in known:
+                problems.append(f"{f}: label without images in imagesTr/")
+        no_label = [c.id for c in cases if c.mask is None]
+        if no_label:
+            info.append(f"{len(no_label)} case(s) without a label file: {', '.join(no_label[:5])}")
+    return Layout("nnunet", root, cases, channels, ["unhealthy"], problems, info, dims=dims, extra_files=[js])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MedMNIST-style npz
+
+
+def _read_npy_header(fh, path: Path, key: str):
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise MedcfxError(f"{path}: array {key} uses .npy format version {version} (supported: 1.0, 2.0)")
+
+
+def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``key`` inside an .npz without reading its data (or pickle)."""
+    with zipfile.ZipFile(path) as zf:
+        with zf.open(f"{key}.npy") as fh:
+            shape, fortran, dtype = _read_npy_header(fh, path, key)
+    if dtype.hasobject:
+        raise MedcfxError(f"{path}: array {key} holds Python objects (refused: no pickle)")
+    if fortran:
+        raise MedcfxError(f"{path}: array {key} is stored in Fortran order (not supported)")
+    return tuple(shape), dtype
+
+
+def iter_npz_rows(path: Path, key: str, chunk: int = 1024):
+    """Yield (start, rows) chunks of array ``key`` of an .npz, streaming: memory bounded by ``chunk`` rows."""
+    shape, dtype = npz_member_header(path, key)
+    row_items = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    row_bytes = row_items * dtype.itemsize
+    with zipfile.ZipFile(path) as zf:
+        with zf.open(f"{key}.npy") as fh:
+            _read_npy_header(fh, path, key)
+            start = 0
+            while start < shape[0]:
+                n = min(chunk, shape[0] - start)
+                buf = fh.read(n * row_bytes)
+                if len(buf) != n * row_bytes:
+                    raise MedcfxError(f"cannot read {path}: array {key} is truncated")
+                yield start, np.frombuffer(buf, dtype=dtype).reshape((n,) + tuple(shape[1:]))
+                start += n
+
+
+def read_npz_array(path: Path, key: str) -> np.ndarray:
+    """A whole (small) array of an .npz, without pickle."""
+    parts = [rows for _, rows in iter_npz_rows(path, key, chunk=1 << 16)]
+    shape, dtype = npz_member_header(path, key)
+    return np.concatenate(parts) if parts else np.zeros(shape, dtype)
+
+
+def _scan_npz(path: Path) -> Layout:
+    if path.is_dir():
+        npz = [p for p in _listdir(path) if p.is_file() and suffix_of(p) == ".npz"]
+        if len(npz) != 1:
+            raise MedcfxError(f"{path}: expected exactly one .npz file, found {len(npz)}")
+        path = npz[0]
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise MedcfxError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    problems: list[str] = []
+    info: list[str] = []
+    splits = [s for s in SPLITS if f"{s}_images" in keys]
+    if not splits:
+        raise MedcfxError(f"{path}: no train_images / val_images / test_images arrays (found: {', '.join(keys) or 'none'})")
+    label_arrays: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple] = {}
+    for s in splits:
+        try:
+            shape, dtype = npz_member_header(path, f"{s}_images")
+        except MedcfxError:
+            raise
+        except Exception as exc:
+            raise MedcfxError(f"cannot read {path}: array {s}_images: {type(exc).__name__}: {exc}") from None
+        shapes[s] = shape
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+            problems.append(f"{path}: {s}_images has shape {shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3")
+        if dtype.kind not in "biuf":
+            problems.append(f"{path}: {s}_images has dtype {dtype}; expected numbers")
+        if f"{s}_labels" in keys:
+            try:
+                lab = read_npz_array(path, f"{s}_labels")
+            except MedcfxError:
+                raise
+            except Exception as exc:
+                raise MedcfxError(f"cannot read {path}: array {s}_labels: {type(exc).__name__}: {exc}") from None
+            lab = lab.reshape(lab.shape[0], -1) if lab.ndim != 2 else lab
+            if lab.shape[0] != shape[0]:
+                problems.append(f"{path}: {s}_labels has {lab.shape[0]} rows but {s}_images has {shape[0]}")
+            label_arrays[s] = lab
+        else:
+            info.append(f"{path.name}: no {s}_labels (unlabelled)")
+    widths = {a.shape[1] for a in label_arrays.values()}
+    if len(widths) > 1:
+        problems.append(f"{path}: label arrays have different widths {sorted(widths)}")
+    width = widths.pop() if len(widths) == 1 else 1
+    maxval = max((float(np.nanmax(a)) for a in label_arrays.values() if a.size), default=1.0)
+    multiclass = width == 1 and maxval > 1
+    if multiclass:
+        ncls = int(maxval) + 1
+        label_names = [f"class_{i}" for i in range(ncls)]
+    elif width == 1:
+        label_names = ["label"]
+    else:
+        label_names = [f"label_{i}" for i in range(width)]
+    for s, a in label_arrays.items():
+        if a.size and (a.min() < 0 or not np.all(np.equal(np.mod(a, 1), 0))):
+            problems.append(f"{path}: {s}_labels must hold non-negative integers")
+        elif not multiclass and a.size and a.max() > 1:
+            problems.append(f"{path}: {s}_labels (multi-label) must hold 0/1")
+    cases: list[Case] = []
+    for s in splits:
+        lab = label_arrays.get(s)
+        for i in range(shapes[s][0]):
+            labels: dict[str, float]
+            grade = math.nan
+            if lab is None or problems:
+                labels = {n: math.nan for n in label_names}
+            elif multiclass:
+                k = int(lab[i, 0])
+                labels = {n: float(j == k) for j, n in enumerate(label_names)}
+                grade = float(k)
+            else:
+                labels = {n: float(lab[i, j]) for j, n in enumerate(label_names)}
+            cases.append(Case(id=f"{s}/{i:06d}", channels=[path], labels=labels, grade=grade, split=s, item=(s, i)))
+    return Layout("npz", path.parent, cases, ["image"], label_names, problems, info, dims=2, extra_files=[path])
