@@ -138,6 +138,7 @@ def demo_cmd(
     cases: Optional[int] = typer.Option(None, "--cases", help="Number of cases (default per kind)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    opt: list[str] = typer.Option([], "--opt", help="Kind-specific option KEY=VALUE, e.g. shape=[120,120,78] (repeatable)."),
 ) -> None:
     """Write a small synthetic dataset in a real layout (offline demo data)."""
     try:
@@ -146,6 +147,15 @@ def demo_cmd(
         raise MedcfxError(f"demo data is not available in this installation: {exc}") from None
     if kind not in DEMO_KINDS:
         raise UsageError(f"unknown demo kind {kind!r}; choose one of: {', '.join(DEMO_KINDS)}")
-    opts = {"overwrite": True} if overwrite else {}
+    from medcfx.config import parse_set
+    from medcfx.data.demo import demo_options
+
+    opts = parse_set(opt)
+    known = demo_options(kind)
+    for key in opts:
+        if key not in known:
+            raise UsageError(f"unknown --opt {key} for {kind} (known: {', '.join(sorted(known))})")
+    if overwrite:
+        opts["overwrite"] = True
     written = make_demo(kind, out, cases=cases, seed=seed, **opts)
     console.print(f"wrote {kind} demo data to {written}", highlight=False)
