@@ -1,0 +1,53 @@
+"""Provenance records: every output medcfx writes can be traced to the model, the inputs and the settings.
+
+``record(request, entry, params, inputs)`` returns a JSON-able dict with the medcfx version, the method,
+the model reference and its weights' sha256, the sampling parameters, the seed and device, each input
+file's sha256 and the command line. ``write_json`` writes any such record atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import medcfx
+from medcfx.registry import sha256_file
+
+
+def _inputs(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            out.append({"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size})
+    return out
+
+
+def record(request, entry, params: dict, inputs=(), **extra) -> dict:
+    return {
+        "medcfx_version": medcfx.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "medcfx " + " ".join(sys.argv[1:]),
+        "method": request.method.name,
+        "model": entry.ref if entry is not None else None,
+        "model_sha256": entry.digest if entry is not None else None,
+        "params": params,
+        "seed": request.seed,
+        "device": request.device,
+        "inputs": _inputs(inputs),
+        **extra,
+    }
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write ``obj`` as indented JSON via a temp file and os.replace (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
