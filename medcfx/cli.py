@@ -155,7 +155,9 @@ def env() -> None:
         pass
     rows["MEDCFX_HOME"] = os.environ.get("MEDCFX_HOME", "~/.medcfx (default)")
     rows["plugins"] = ", ".join(f"{p.name} ({p.status})" for p in get_plugins().info) or "none"
-    rows["git commit"] = __import__("medcfx.train", fromlist=["git_commit"]).git_commit() or "unknown"
+    from medcfx.registry import git_commit
+
+    rows["git commit"] = git_commit() or "unknown"
     table = Table(show_header=False)
     for k, v in rows.items():
         table.add_row(k, v)

@@ -63,6 +63,7 @@ __all__ = [
     "Registry",
     "bundled_catalogue_path",
     "default_home",
+    "git_commit",
     "human_bytes",
     "sha256_file",
     "validate_name",
@@ -158,7 +159,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """HEAD commit of the source checkout medcfx runs from, read from .git without running git."""
     git = Path(medcfx.__file__).resolve().parents[1] / ".git"
     try:
@@ -614,7 +615,7 @@ class Registry:
         prov = _plain(dict(provenance or {}), "provenance")
         if stamp:
             prov.setdefault("medcfx_version", medcfx.__version__)
-            if "git_commit" not in prov and (commit := _git_commit()):
+            if "git_commit" not in prov and (commit := git_commit()):
                 prov["git_commit"] = commit
         cfg = _plain(dict(config or {}), "config")
         mets = _plain(dict(metrics or {}), "metrics")

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -187,18 +186,6 @@ def balanced_batches(labels) -> Callable[[int, int, int], torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------------
 # run folders
-
-
-def git_commit() -> str | None:
-    """The git commit of the medcfx source tree, when it is a git checkout (None otherwise)."""
-    root = Path(medcfx.__file__).resolve().parents[1]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _safe_part(name: str) -> str:
@@ -574,7 +561,6 @@ def register_fit(request, result: FitResult, default_name: str, config: dict, me
         "steps": result.step,
         "seed": request.seed,
         "medcfx_version": medcfx.__version__,
-        "git_commit": git_commit(),
         "run": str(run),
         "train_seconds": round(result.seconds, 1),
         "preset": request.extra.get("preset"),
