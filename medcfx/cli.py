@@ -246,14 +246,30 @@ def train(
 
 
 def _inference_request(command: str, ctx: typer.Context, method: Optional[str], model: Optional[str],
-                       config_file, sets, device: str, seed: int, out: Optional[Path], **kw) -> tuple[Method, Request]:
+                       config_file, sets, device: str, seed: int, out: Optional[Path], inputs=None,
+                       **kw) -> tuple[Method, Request]:
     m, registry = _method_for(command, method, model)
-    options = m.parse_options(command, ctx.args)
+    if inputs is None:
+        options = m.parse_options(command, ctx.args)
+    else:  # options given after the input paths arrive mixed with them: separate the two
+        paths: list[str] = []
+        options = m.parse_options(command, [str(p) for p in inputs] + ctx.args, positionals=paths)
+        if not paths:
+            raise UsageError(f"'{command}' needs at least one input file or folder")
+        inputs = [Path(p) for p in paths]
+        _check_inputs(inputs)
+        kw["inputs"] = inputs
     config = _resolve_config(m, command, config_file, sets)
     request = Request(command=command, method=m, options=options, config=config, model=model, out=out,
                       device=resolve_device(device), seed=seed, registry=registry or _registry(),
                       console=console, **kw)
     return m, request
+
+
+def _backend(name: str) -> str:
+    if name not in ("torch", "onnx"):
+        raise UsageError(f"--backend must be torch or onnx, got {name!r}")
+    return name
 
 
 def _check_inputs(paths: list[Path]) -> None:
@@ -273,10 +289,11 @@ def explain(
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
 ) -> None:
     """Explain images with counterfactuals: writes counterfactuals, maps, panels and provenance."""
-    m, request = _inference_request("explain", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
-    _check_inputs(inputs)
+    m, request = _inference_request("explain", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs,
+                                     extra={"backend": _backend(backend)})
     _run(m, "explain", request)
 
 
@@ -294,7 +311,6 @@ def grade(
 ) -> None:
     """Grade severity and show counterfactuals across grades."""
     m, request = _inference_request("grade", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
-    _check_inputs(inputs)
     _run(m, "grade", request)
 
 
@@ -309,9 +325,11 @@ def evaluate(
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
 ) -> None:
     """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
-    m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data)
+    m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data,
+                                     extra={"backend": _backend(backend)})
     _check_inputs([data])
     _run(m, "evaluate", request)
 
@@ -330,7 +348,6 @@ def predict(
 ) -> None:
     """Predict per-finding probabilities for images."""
     m, request = _inference_request("predict", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
-    _check_inputs(inputs)
     _run(m, "predict", request)
 
 
@@ -351,6 +368,43 @@ def sample(
         raise UsageError("-n must be >= 1")
     m, request = _inference_request("sample", ctx, method, model, config_file, sets, device, seed, out, extra={"n": n})
     _run(m, "sample", request)
+
+
+@app.command("export")
+def export_cmd(
+    ref: str = typer.Argument(..., help="Registry reference of the model to export."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
+) -> None:
+    """Export a model's denoiser to ONNX; refused unless it matches torch (per call < 1e-4, heatmaps < 1e-3)."""
+    from medcfx.export import export_model
+
+    if fmt != "onnx":
+        raise UsageError(f"--format must be onnx, got {fmt!r}")
+    entry = export_model(_registry(), ref, opset=opset, dynamic_batch=dynamic_batch, log=console.print)
+    info = entry.extra["export"]
+    console.print(f"exported {entry.ref} to ONNX (sha256 {entry.artifacts['onnx']['sha256'][:12]}, "
+                  f"{entry.artifacts['onnx']['bytes']} bytes); parity per call {info['parity']['per_call_max_abs']:.1e}")
+
+
+@app.command("bench")
+def bench_cmd(
+    ref: str = typer.Argument(..., help="Registry reference of the model to time."),
+    backend: str = typer.Option("reference,torch,bf16", "--backend",
+                                help="Comma-separated paths: reference, torch, bf16, onnx."),
+    batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
+    repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
+) -> None:
+    """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
+    from medcfx.bench import bench
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch expects comma-separated integers, got {batch!r}") from None
+    bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console)
 
 
 def _mount_subapps() -> None:

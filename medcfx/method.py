@@ -142,15 +142,24 @@ class Method:
         component, attr = _PROVIDER[capability]
         return getattr(getattr(self, component), attr)
 
-    def parse_options(self, command: str, args: list[str]) -> dict:
-        """Parse leftover command-line tokens against this method's options for ``command``."""
+    def parse_options(self, command: str, args: list[str], positionals: list | None = None) -> dict:
+        """Parse leftover command-line tokens against this method's options for ``command``.
+
+        Tokens that are neither an option nor an option's value are appended to ``positionals`` when a
+        list is given (commands taking input paths: Click hands options that follow variadic arguments
+        over as arguments), and are an error otherwise.
+        """
         declared = {o.flag: o for o in self.options.get(command, [])}
         values = {o.name: o.default for o in declared.values()}
         i = 0
         while i < len(args):
             token = args[i]
             if not token.startswith("--"):
-                raise UsageError(f"unexpected argument {token!r}")
+                if positionals is None:
+                    raise UsageError(f"unexpected argument {token!r}")
+                positionals.append(token)
+                i += 1
+                continue
             flag, _, inline = token.partition("=")
             opt = declared.get(flag)
             if opt is None:
