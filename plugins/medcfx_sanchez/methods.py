@@ -1,0 +1,324 @@
+"""The sanchez plugin's methods: the paper's method and its baselines, as medcfx Methods.
+
+``sanchez``         implicit guidance + attention conditioning + dynamic normalisation (the paper);
+                    ``--set conditioning=adagn`` trains the AdaGN-only baseline, ``--guidance 0`` decodes
+                    with the null branch (no guidance), ``--dn-percentile 0`` uses static clipping
+                    (together: the Table 2 chain).
+``cdpm-healthy``    the same UNet, unconditional, trained on healthy slices only (CDPM_healthy).
+``cdpm-classifier`` unconditional UNet on all slices + noise-aware classifier, gradient guidance towards
+                    healthy while decoding (Wolleb et al. 2022; "CDPM + classifier").
+``threshold``       intensity thresholding of one channel (Meissen et al. 2021); no training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medcfx.config import deep_merge
+from medcfx.data.preprocess import PreprocessConfig
+from medcfx.diffusion import Schedule, log_prob_gradient
+from medcfx.errors import UsageError
+from medcfx.export import denoiser_for
+from medcfx.evaluation import evaluate_maps, select_rows, test_sets, write_report
+from medcfx.inputs import OutputDir, load_cases, write_map
+from medcfx.loading import load_state, load_unet
+from medcfx.method import Method, Option
+from medcfx.provenance import record, write_json
+from medcfx.train import register_fit
+
+from .counterfactual import HEALTHY, CFParams, counterfactual, heatmap
+from .networks import DEFAULTS, NoisyClassifier
+from .train import saved_config, train_classifier, train_diffusion
+
+GUIDANCE_KIND = {"sanchez": "cfg", "cdpm-healthy": "none", "cdpm-classifier": "classifier"}
+DEFAULT_GUIDANCE = {"sanchez": 3.0, "cdpm-healthy": 0.0, "cdpm-classifier": 100.0}
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+def _sampling_options(method: str) -> list[Option]:
+    return [
+        Option("guidance", float, None, f"guidance scale (cfg w / classifier s; default {DEFAULT_GUIDANCE[method]:g})"),
+        Option("noise_level", float, None, "encoding depth L as a fraction of the respaced steps (default 0.75)"),
+        Option("steps", int, None, "respaced DDIM steps (default 100)"),
+        Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)"),
+        Option("batch_size", int, None, "slices per batch (default 8)"),
+    ]
+
+
+EXPLAIN_EXTRA = [
+    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)"),
+    Option("display", str, None, "channel shown in the PNG panels (default: flair, else the last)"),
+]
+EVAL_EXTRA = [
+    Option("eval_size", int, None, "evaluation resolution (default 128, as in the paper)"),
+    Option("slice_stride", int, 1, "evaluate every k-th slice"),
+    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)"),
+]
+
+
+def _params(request, method: str, entry=None) -> CFParams:
+    """Sampling parameters, by precedence: the flag (--guidance ...), a -c/--set value that differs from the
+    method's default, the model's own ``explain`` config (saved at training), the method's default."""
+    defaults = request.method.defaults.get("explain", {})
+    user = request.config.get("explain", {})
+    saved = entry.config.get("explain", {}) if entry is not None else {}
+
+    def pick(name, fallback):
+        if request.options.get(name) is not None:
+            return request.options[name]
+        if name in user and user[name] != defaults.get(name):
+            return user[name]
+        return saved.get(name, defaults.get(name, fallback))
+
+    return CFParams(guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
+                    noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100)),
+                    dn_percentile=float(pick("dn_percentile", 0.99))).check()
+
+
+# ---------------------------------------------------------------------------------------------- mappers
+
+
+class Mapper:
+    """x [b, C, S, S] in [-1, 1] -> (counterfactual or None, map [b, S, S]) for one method and model."""
+
+    def __init__(self, method: str, request, entry=None):
+        self.method = method
+        self.entry = entry
+        self.device = request.device
+        self.params = None
+        if method == "threshold":
+            return
+        model, entry = load_unet(request.registry, entry.ref if entry else request.model, device=self.device)
+        self.params = _params(request, method, entry)
+        self.entry = entry
+        self.model = model
+        d = entry.config["diffusion"]
+        self.schedule = Schedule.create(d["schedule"], d["T"])
+        self.denoiser = denoiser_for(request, entry, model)
+        self.channels = model.config.in_channels
+        self.grad = None
+        if method == "cdpm-classifier":
+            clf = NoisyClassifier(entry.config["classifier"])
+            load_state(clf, request.registry.load_tensors(entry, "classifier"), f"{entry.ref} (classifier)")
+            clf.to(self.device).eval()
+            self.grad = log_prob_gradient(
+                lambda x, t, cond: torch.log_softmax(clf(x, t), dim=1)[:, HEALTHY])
+
+    def __call__(self, x: torch.Tensor, channel: int | None = None):
+        if self.method == "threshold":
+            return None, (x[:, channel] + 1) / 2  # the channel's normalised intensity in [0, 1]
+        x_cf = counterfactual(self.denoiser, x, self.schedule, self.params, GUIDANCE_KIND[self.method],
+                              null_label=self.model.null_label, classifier_grad=self.grad)
+        return x_cf, heatmap(x, x_cf)
+
+
+def _resolve_entry(request, method: str):
+    if method == "threshold":
+        return None
+    if request.model is None:
+        raise UsageError(f"{method} needs --model REF (see `medcfx models list`)")
+    entry = request.registry.resolve(request.model)
+    if entry.method != method:
+        raise UsageError(f"model {entry.ref} was trained by method '{entry.method}', not '{method}'")
+    return entry
+
+
+def _preprocess(request, entry) -> PreprocessConfig:
+    base = entry.config["preprocess"] if entry is not None else request.config["preprocess"]
+    return PreprocessConfig.from_dict(base)
+
+
+def _display_channel(channels: list[str], wanted: str | None) -> int:
+    if wanted:
+        if wanted not in channels:
+            raise UsageError(f"--display {wanted}: the input's channels are {', '.join(channels)}")
+        return channels.index(wanted)
+    return channels.index("flair") if "flair" in channels else len(channels) - 1
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+class Trainer:
+    def __init__(self, method: str):
+        self.method = method
+
+    def train(self, request) -> dict:
+        kind = {"sanchez": "sanchez", "cdpm-healthy": "healthy", "cdpm-classifier": "full"}[self.method]
+        out = train_diffusion(request, kind)
+        result, run = out["result"], out["run"]
+        clf = None
+        if self.method == "cdpm-classifier":
+            clf, _ = train_classifier(request, out["ss"], run / "classifier" if run is not None else None)
+        if run is None:  # a non-zero DDP rank: rank 0 registers
+            return {"printed": True}
+        extra = {"classifier": request.config["classifier"]} if clf is not None else {}
+        config = saved_config(request, out["net_cfg"], extra)
+        modules = {"classifier": clf} if clf is not None else {}
+        entry = register_fit(request, result, f"{self.method}", config=config,
+                             metrics={"final_loss": result.final_loss, "train_slices": out["train_slices"]},
+                             modules=modules)
+        metrics = self._validate(request, entry, out)
+        if metrics:
+            entry = request.registry.add_artifacts(entry.ref, {}, extra={"metrics": metrics})
+        return {"model": entry.ref, "run": str(run), "metrics": entry.metrics}
+
+    def _validate(self, request, entry, out) -> dict:
+        """Score held-out validation cases with the explain defaults (pixel AUPRC / ideal Dice)."""
+        n = int(request.config.get("val_slices", 0))
+        ss, rows = out["ss"], out["val_rows"]
+        rows = np.asarray([r for r in rows if ss.has_mask[r]], dtype=np.int64)
+        if n <= 0 or len(rows) == 0:
+            return {}
+        lesion = np.asarray([ss.labels[r, 0] == 1 for r in rows])
+        # half lesion slices, half healthy ones, spread evenly, so the metrics mean something on few slices
+        pick = np.concatenate([select_rows(0, rows=rows[lesion], max_slices=(n + 1) // 2),
+                               select_rows(0, rows=rows[~lesion], max_slices=n // 2)])
+        mapper = Mapper(self.method, request, entry)
+        m = evaluate_maps(lambda x, b: mapper(x)[1], ss, ss, np.sort(pick),
+                          batch_size=int(request.config["explain"]["batch_size"]), device=request.device)
+        request.log(f"validation on {m['slices']} held-out slices: pixel AUPRC {m['pixel_AUPRC']:.3f}, "
+                    f"ideal Dice {m['pixel_ideal_Dice']:.3f}")
+        return {f"val_{k}": v for k, v in m.items() if k in ("pixel_AUPRC", "pixel_ideal_Dice", "image_AUROC", "slices")}
+
+
+class Sampler:
+    def __init__(self, method: str):
+        self.method = method
+
+    def explain(self, request) -> dict:
+        entry = _resolve_entry(request, self.method)
+        cfg = _preprocess(request, entry)
+        mapper = Mapper(self.method, request, entry)
+        channels = mapper.channels if self.method != "threshold" else None
+        bs = request.options.get("batch_size") or int(request.config["explain"]["batch_size"])
+        summary = []
+        request.out.mkdir(parents=True, exist_ok=True)
+        for path in request.inputs:
+            cases = load_cases(path, cfg, channels if channels is not None else len(cfg.modalities))
+            for case in cases:
+                case = case.select(request.options.get("slice"))
+                summary.append(self._explain_case(request, entry, mapper, case, bs))
+        return {"method": self.method, "model": entry.ref if entry else None, "out": str(request.out), "cases": summary}
+
+    def _explain_case(self, request, entry, mapper, case, bs: int) -> dict:
+        from medcfx import viz
+
+        show = _display_channel(case.channels, request.options.get("display"))
+        x_all = torch.from_numpy(np.ascontiguousarray(case.images))
+        cfs, maps = [], []
+        for i in range(0, len(x_all), bs):
+            x = x_all[i:i + bs].to(request.device)
+            x_cf, hm = mapper(x, channel=show)
+            cfs.append((x_cf if x_cf is not None else x).cpu())
+            maps.append(hm.cpu())
+        x_cf = torch.cat(cfs).numpy()
+        hm = torch.cat(maps).numpy()
+        with OutputDir(request.out, case.id) as folder:
+            files = [write_map(case, folder, "heatmap", hm)]
+            if self.method != "threshold":
+                for c, name in enumerate(case.channels):
+                    files.append(write_map(case, folder, f"counterfactual_{name}", (x_cf[:, c] + 1) / 2))
+            (folder / "panels").mkdir()
+            vmax = float(np.percentile(hm, 99.5)) or 1.0
+            for j, k in enumerate(case.slice_index):
+                img = case.images[j, show]
+                tiles = [viz.to_uint8(img, -1, 1), viz.to_uint8(x_cf[j, show], -1, 1),
+                         viz.overlay(viz.to_uint8(img, -1, 1), viz.heat_rgb(hm[j], vmax=vmax))]
+                titles = ["input", "counterfactual" if self.method != "threshold" else "input", "heatmap"]
+                if case.masks is not None:
+                    tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
+                    titles.append("mask")
+                viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
+            params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
+                      "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
+            write_json(folder / "provenance.json", record(request, entry, params, [case.source],
+                                                          case=case.id, slices=[int(k) for k in case.slice_index]))
+        means = hm.reshape(len(hm), -1).mean(1)
+        return {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(means.mean()),
+                "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+                "folder": str(request.out / case.id)}
+
+
+class Scorer:
+    def __init__(self, method: str):
+        self.method = method
+
+    def evaluate(self, request) -> dict:
+        entry = _resolve_entry(request, self.method)
+        result = run_evaluation(request, self.method, entry, request.options, request.data)
+        ctx = {"method": self.method, "model": entry.ref if entry else "-", "data": str(request.data),
+               **{k: v for k, v in result.pop("context").items()}}
+        metrics = write_report(request.out, f"{self.method} on {Path(request.data).name}", result, ctx, request.console)
+        return {"printed": True, **metrics}
+
+
+def run_evaluation(request, method: str, entry, options: dict, data: Path, keep_maps: int = 0) -> dict:
+    """Evaluate one method/model on an annotated set with the given sampling options."""
+    cfg = _preprocess(request, entry)
+    eval_size = options.get("eval_size") or int(request.config["explain"].get("eval_size", 128))
+    model_set, eval_set = test_sets(data, cfg, eval_size, progress=False)
+    rows = select_rows(len(model_set), options.get("slice_stride") or 1, options.get("max_slices") or 0)
+    req = _with_options(request, options)
+    mapper = Mapper(method, req, entry)
+    show = _display_channel(list(model_set.channels), options.get("display"))
+    bs = options.get("batch_size") or int(request.config["explain"]["batch_size"])
+    m = evaluate_maps(lambda x, b: mapper(x, channel=show)[1], model_set, eval_set, rows, batch_size=bs,
+                      device=request.device, keep_maps=keep_maps)
+    m["context"] = {"eval_size": eval_size, "slice_stride": options.get("slice_stride") or 1,
+                    "max_slices": options.get("max_slices") or 0,
+                    **({k: v for k, v in mapper.params.__dict__.items()} if mapper.params else
+                       {"channel": model_set.channels[show]})}
+    return m
+
+
+def _with_options(request, options: dict):
+    import copy
+
+    req = copy.copy(request)
+    req.options = {**request.options, **options}
+    return req
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+
+def _defaults(method: str) -> dict:
+    d = deep_merge(DEFAULTS, {"explain": {"guidance": DEFAULT_GUIDANCE[method]}})
+    if method == "cdpm-classifier":
+        d = deep_merge(d, {"explain": {"dn_percentile": 0.0}})
+    if method == "cdpm-healthy":
+        d = deep_merge(d, {"explain": {"dn_percentile": 0.0}})
+    return d
+
+
+def methods() -> list[Method]:
+    out = []
+    summaries = {
+        "sanchez": "healthy counterfactuals by implicit guidance + attention conditioning (Sanchez et al. 2022)",
+        "cdpm-healthy": "baseline: unconditional DDIM encode/decode of a DPM trained on healthy slices",
+        "cdpm-classifier": "baseline: DPM + noise-aware classifier gradient guidance (Wolleb et al. 2022)",
+    }
+    for name, summary in summaries.items():
+        sampling = _sampling_options(name)
+        out.append(Method(
+            name=name, summary=summary, capabilities={"train", "explain", "evaluate"},
+            trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
+            conditioning=("label", "classifier-free") if name == "sanchez" else
+            (("classifier",) if name == "cdpm-classifier" else ()),
+            targets=("healthy",), defaults=_defaults(name),
+            options={"explain": sampling + EXPLAIN_EXTRA, "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+        ))
+    out.append(Method(
+        name="threshold", summary="baseline: intensity thresholding of one channel (Meissen et al. 2021)",
+        capabilities={"explain", "evaluate"}, sampler=Sampler("threshold"), scorer=Scorer("threshold"),
+        defaults={k: v for k, v in DEFAULTS.items() if k in ("preprocess", "explain")},
+        options={"explain": [Option("batch_size", int, None, "slices per batch")] + EXPLAIN_EXTRA,
+                 "evaluate": [Option("batch_size", int, None, "slices per batch")] + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+    ))
+    return out
+

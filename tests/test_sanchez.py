@@ -1,0 +1,274 @@
+"""The sanchez plugin: Algorithm 1 wiring, training variants, explain outputs, evaluation, sweep, bad input."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import cli_env, run_cli
+from medcfx.data.demo import make_demo
+from medcfx.diffusion import Schedule
+from medcfx_sanchez.counterfactual import CFParams, counterfactual, heatmap
+from medcfx_sanchez.train import drop_labels, split_cases
+
+TINY = {
+    "network": {"image_size": 16, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                "attention_resolutions": [8], "dropout": 0.0, "num_head_channels": 8, "label_tokens": 2,
+                "label_token_dim": 8, "num_groups": 4},
+    "classifier": {"image_size": 16, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                   "attention_resolutions": [8], "dropout": 0.0, "num_head_channels": 8, "num_groups": 4},
+    "diffusion": {"T": 100},
+    "preprocess": {"size": 16},
+    "train": {"steps": 3, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "ema_decay": 0.5},
+    "val_cases": 0.34,
+    "val_slices": 2,
+    "explain": {"steps": 4, "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("brain")
+    make_demo("brain", root / "train", cases=3, seed=0, shape=(32, 32, 12), tumour_free_fraction=0.0)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, brain, tiny_cfg):
+    """A tiny sanchez model trained through the CLI into a private MEDCFX_HOME (shared by this module)."""
+    home = tmp_path_factory.mktemp("home")
+    env = cli_env(home)
+    proc = run_cli(["train", "sanchez", "--data", brain, "-c", tiny_cfg, "--device", "cpu",
+                    "--runs-dir", home / "runs", "--name", "tiny"], env=env, check=0)
+    return home, env, json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+# ------------------------------------------------------------------------------ Algorithm 1, no network
+
+
+def test_label_blind_denoiser_gives_the_input_back_and_an_empty_heatmap():
+    """A model that cannot tell healthy from unhealthy changes nothing: encode/decode with CFG is an identity."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 4, 8, 8, generator=g) * 1.6 - 0.8
+    c = torch.randn(1, 4, 8, 8, generator=g) * 0.05
+    calls = []
+
+    def den(x_t, t, cond):
+        calls.append(len(x_t))
+        return c * torch.cos(t.float() / 100).reshape(-1, 1, 1, 1)  # ignores x and the label
+
+    sched = Schedule.create("linear", 1000)
+    x_cf = counterfactual(den, x, sched, CFParams(guidance=3.0, noise_level=0.75, steps=20, dn_percentile=0),
+                          null_label=2)
+    torch.testing.assert_close(x_cf, x, atol=1e-5, rtol=0)
+    assert float(heatmap(x, x_cf).max()) < 1e-5
+    # L = round(0.75 * 20) = 15 encode calls of batch 2, then 15 guided decode calls of batch 4 (one forward)
+    assert calls == [2] * 15 + [4] * 15
+
+
+def test_healthy_guidance_moves_the_decode_towards_the_healthy_class():
+    """Analytic two-class model: eps_c is the optimal noise predictor of a point mass at mu_c. Guided towards
+    'healthy', the counterfactual of an 'unhealthy' image lands on the healthy point; null-guided it stays."""
+    mu = {0: torch.zeros(1, 1, 4, 4), 1: torch.ones(1, 1, 4, 4) * 0.5}
+    sched = Schedule.create("linear", 1000)
+
+    def den(x_t, t, cond):
+        a = sched.abar(t)
+        y = cond["y"]
+        centre = torch.where((y == 1).reshape(-1, 1, 1, 1), mu[1], mu[0])
+        centre = torch.where((y == 2).reshape(-1, 1, 1, 1), (mu[0] + mu[1]) / 2, centre)
+        return (x_t - a.sqrt() * centre) / (1 - a).sqrt()
+
+    x = mu[1].clone()
+    cf = counterfactual(den, x, sched, CFParams(guidance=1.0, noise_level=1.0, steps=50, dn_percentile=0), null_label=2)
+    assert float((cf - mu[0]).abs().max()) < 0.05 < float((x - mu[0]).abs().max())
+    same = counterfactual(den, x, sched, CFParams(guidance=0.0, noise_level=0.5, steps=50, dn_percentile=0), null_label=2)
+    assert float((same - x).abs().max()) < float((cf - x).abs().max())
+
+
+def test_cfg_label_dropout_rate_and_case_split():
+    y = torch.zeros(20000, dtype=torch.long)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    frac = float((drop_labels(y, u, 0.35, 2) == 2).float().mean())
+    assert abs(frac - 0.35) < 0.015  # 4.5 sigma of a Binomial(20000, 0.35) share
+    train, val = split_cases(np.array(["a", "a", "b", "c", "d", "e"]), 0.2, seed=3)
+    assert len(val) == 1 and not (train & val) and train | val == {"a", "b", "c", "d", "e"}
+    assert split_cases(np.array(["a", "a"]), 0.5, 0) == ({"a"}, set())
+
+
+@pytest.mark.parametrize("bad", [dict(noise_level=0), dict(noise_level=1.5), dict(steps=0), dict(dn_percentile=0.2),
+                                 dict(guidance=-1)])
+def test_bad_sampling_parameters_are_refused(bad):
+    from medcfx.errors import UsageError
+
+    with pytest.raises(UsageError):
+        CFParams(**bad).check()
+
+
+# ------------------------------------------------------------------------------ through the CLI
+
+
+def test_training_registers_config_metrics_and_provenance(trained, brain):
+    home, env, out = trained
+    entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
+    assert entry["method"] == "sanchez"
+    net = entry["config"]["network"]
+    assert net["attention_conditioning"] is True and net["num_classes"] == 2 and net["in_channels"] == 4
+    assert entry["config"]["preprocess"]["size"] == 16 and entry["config"]["cfg_dropout"] == 0.35
+    assert {"val_pixel_AUPRC", "val_pixel_ideal_Dice", "final_loss", "train_slices"} <= set(entry["metrics"])
+    assert entry["provenance"]["steps"] == 3 and len(entry["provenance"]["data_fingerprint"]) == 64
+    run = Path(out["run"])
+    assert (run / "config.yaml").is_file() and (run / "progress.png").is_file()
+
+
+def test_adagn_baseline_has_no_attention_tokens(trained, brain, tiny_cfg):
+    home, env, _ = trained
+    proc = run_cli(["train", "sanchez", "--data", brain, "-c", tiny_cfg, "--set", "conditioning=adagn",
+                    "--set", "val_slices=0", "--device", "cpu", "--runs-dir", home / "runs", "--name", "adagn"],
+                   env=env, check=0)
+    ref = json.loads(proc.stdout[proc.stdout.index("{"):])["model"]
+    net = json.loads(run_cli(["models", "show", ref, "--json"], env=env, check=0).stdout)["config"]["network"]
+    assert net["attention_conditioning"] is False and net["label_in_time_embedding"] is True
+
+
+def test_explain_a_case_folder_writes_aligned_volumes_panels_and_provenance(trained, brain, tmp_path):
+    home, env, out = trained
+    case = brain / "demo_00001"
+    res = run_cli(["explain", case, "--model", out["model"], "--out", tmp_path / "o", "--device", "cpu"], env=env, check=0)
+    summary = json.loads(res.stdout)
+    folder = Path(summary["cases"][0]["folder"])
+    src = nib.load(str(case / "demo_00001_flair.nii.gz"))
+    for name in ("heatmap", "counterfactual_t1", "counterfactual_t1ce", "counterfactual_t2", "counterfactual_flair"):
+        img = nib.load(str(folder / f"{name}.nii.gz"))
+        assert img.shape == src.shape
+        np.testing.assert_allclose(img.affine, src.affine)
+    hm = nib.load(str(folder / "heatmap.nii.gz")).get_fdata()
+    assert np.isfinite(hm).all() and hm.min() >= 0
+    panels = sorted((folder / "panels").glob("slice_*.png"))
+    assert len(panels) == summary["cases"][0]["slices"] > 1
+    assert Image.open(panels[0]).size[0] > 3 * 16 * 3  # four tiles (input, cf, heatmap, mask) at scale 3
+    prov = json.loads((folder / "provenance.json").read_text())
+    entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
+    assert prov["model_sha256"] == entry["digest"] and prov["params"]["guidance"] == 3.0
+    assert prov["params"]["noise_level"] == 0.75 and prov["params"]["steps"] == 4
+    assert {Path(i["path"]).name for i in prov["inputs"]} >= {"demo_00001_flair.nii.gz", "demo_00001_seg.nii.gz"}
+    # --slice explains one slice only, and options after the input path are understood
+    k = int(prov["slices"][len(prov["slices"]) // 2])
+    res = run_cli(["explain", case, "--model", out["model"], "--out", tmp_path / "one", "--slice", k, "--guidance", "1.5"],
+                  env=env, check=0)
+    one = json.loads(res.stdout)["cases"][0]
+    assert one["slices"] == 1 and one["most_anomalous_slice"] == k
+    assert [p.name for p in (tmp_path / "one" / "demo_00001" / "panels").iterdir()] == [f"slice_{k:03d}.png"]
+
+
+def test_explain_2d_image_heatmap_is_channel_mean_abs_difference(trained, tmp_path, tiny_cfg):
+    """A 1-channel model on a PNG at the model's own size: the written map equals mean |x - x_cf|."""
+    home, env, _ = trained
+    rng = np.random.default_rng(0)
+    data = tmp_path / "folder"
+    for sub in ("normal", "abnormal"):
+        (data / sub).mkdir(parents=True)
+        for i in range(4):
+            img = (rng.random((16, 16)) * 120 + (100 if sub == "abnormal" else 0)).astype(np.uint8)
+            Image.fromarray(img).save(data / sub / f"{i}.png")
+    proc = run_cli(["train", "sanchez", "--data", data, "-c", tiny_cfg, "--set", "network.in_channels=1",
+                    "--set", "network.out_channels=1", "--set", "val_slices=0", "--device", "cpu",
+                    "--runs-dir", home / "runs", "--name", "grey"], env=env, check=0)
+    ref = json.loads(proc.stdout[proc.stdout.index("{"):])["model"]
+    png = data / "abnormal" / "2.png"
+    run_cli(["explain", png, "--model", ref, "--out", tmp_path / "o"], env=env, check=0)
+    folder = tmp_path / "o" / "2"
+    hm = np.load(folder / "heatmap.npy")
+    cf = np.load(folder / "counterfactual_c0.npy") * 2 - 1
+    x = np.asarray(Image.open(png), dtype=np.float32) / 255 * 2 - 1
+    assert hm.shape == (16, 16)
+    np.testing.assert_allclose(hm, np.abs(x - cf), atol=1e-5)
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, brain, tmp_path):
+    home, env, out = trained
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(rgb)
+    import shutil
+
+    nan = tmp_path / "nan_case"
+    shutil.copytree(brain / "demo_00000", nan)
+    flair = nib.load(str(nan / "demo_00000_flair.nii.gz"))
+    vol = flair.get_fdata().astype(np.float32)
+    vol[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(vol, flair.affine), str(nan / "demo_00000_flair.nii.gz"))
+    single = brain / "demo_00000" / "demo_00000_t1.nii.gz"
+    cases = [
+        ([rgb], "has 3 channel(s) but the model expects 4", 1),
+        ([single], "model expects 4", 1),
+        ([nan], "NaN", 1),
+        ([tmp_path / "missing.png"], "no such file", 2),
+    ]
+    for inputs, message, code in cases:
+        o = tmp_path / f"out-{inputs[0].name.split('.')[0]}"
+        proc = run_cli(["explain", *inputs, "--model", out["model"], "--out", o], env=env)
+        assert proc.returncode == code, proc.stderr
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+        assert not o.exists() or not any(p for p in o.iterdir() if not p.name.startswith(".")), list(o.iterdir())
+    proc = run_cli(["explain", single, "--model", "nosuch", "--out", tmp_path / "x"], env=env)
+    assert proc.returncode == 1 and "unknown model 'nosuch'" in proc.stderr
+    proc = run_cli(["explain", brain / "demo_00000", "--model", out["model"], "--slice", "999", "--out", tmp_path / "x"], env=env)
+    assert proc.returncode == 2 and "--slice 999" in proc.stderr
+
+
+def test_tampered_weights_are_refused(trained, brain, tmp_path):
+    home, env, out = trained
+    entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
+    blob = Path(entry["artifacts"]["weights"]["file"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF
+    original = blob.read_bytes()
+    blob.write_bytes(bytes(data))
+    try:
+        proc = run_cli(["explain", brain / "demo_00000", "--model", out["model"], "--out", tmp_path / "t"], env=env)
+        assert proc.returncode == 3 and "failed sha256 verification" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    finally:
+        blob.write_bytes(original)
+
+
+def test_threshold_evaluation_matches_sklearn(brain, tmp_path, home):
+    """The whole evaluate path (prepare, batches, streamed metrics, report) against scikit-learn."""
+    from sklearn.metrics import average_precision_score
+
+    from medcfx.data.preprocess import PreprocessConfig, prepare
+
+    env = cli_env(home)
+    run_cli(["evaluate", "threshold", "--data", brain, "--out", tmp_path / "ev", "--eval-size", "16",
+             "--set", "preprocess.size=16", "--batch-size", "3"], env=env, check=0)
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    ss = prepare(brain, PreprocessConfig(size=16))
+    flair = (np.asarray(ss.images)[:, 3] + 1) / 2
+    masks = np.asarray(ss.masks) > 0
+    assert got["slices"] == len(ss)
+    assert abs(got["pixel_AUPRC"] - average_precision_score(masks.ravel(), flair.ravel())) < 1e-3
+    assert (tmp_path / "ev" / "metrics.md").read_text().startswith("# threshold on train")
+
+
+def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
+    home, env, out = trained
+    proc = run_cli(["sweep", "sanchez", "--model", out["model"], "--data", brain, "--guidance", "0,3",
+                    "--noise-level", "0.5", "--max-slices", "4", "--out", tmp_path / "sw"], env=env, check=0)
+    res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [(r["guidance"], r["noise_level"]) for r in res["rows"]] == [(0.0, 0.5), (3.0, 0.5)]
+    best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
+    assert res["recommended"] == best
+    assert f"--guidance {best['guidance']:g} --noise-level 0.5" in proc.stdout
