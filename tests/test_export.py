@@ -1,0 +1,96 @@
+"""ONNX export behind the parity gate, the onnxruntime backend, and its registry artifacts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import cli_env, run_cli
+from medcfx.errors import MedcfxError
+from medcfx.export import OnnxDenoiser, export_model
+from medcfx.nn import UNet
+from medcfx.registry import Registry, sha256_file
+
+NET = {"in_channels": 4, "out_channels": 4, "image_size": 16, "model_channels": 8, "channel_mult": [1, 2],
+       "num_res_blocks": 1, "attention_resolutions": [8], "dropout": 0.0, "num_head_channels": 8,
+       "num_classes": 2, "attention_conditioning": True, "label_tokens": 2, "label_token_dim": 8, "num_groups": 4}
+
+
+def _register(home, name="tiny", net=NET, method="sanchez"):
+    torch.manual_seed(0)
+    unet = UNet(net)
+    with torch.no_grad():  # zero-initialised output layers would make every comparison trivially 0
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = home / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    reg = Registry(home, bundled=False)
+    cfg = {"network": net, "diffusion": {"schedule": "linear", "T": 100},
+           "preprocess": {"size": 16}, "explain": {"steps": 6, "noise_level": 0.5, "guidance": 3.0,
+                                                  "dn_percentile": 0.99, "batch_size": 4, "eval_size": 16}}
+    return reg, reg.register(name, method, {"weights": path}, config=cfg), unet
+
+
+def test_export_attaches_verified_onnx_with_parity_figures(home):
+    reg, entry, unet = _register(home)
+    out = export_model(reg, entry.ref, log=lambda *_: None)
+    art = out.artifacts["onnx"]
+    assert art["sha256"] == sha256_file(reg.artifact_path(out, "onnx"))
+    info = out.extra["export"]
+    assert info["inputs"] == ["x", "t", "y"] and info["dynamic_batch"] is True
+    assert info["parity"]["per_call_max_abs"] < 1e-4 and info["parity"]["counterfactual_heatmap_max_abs"] < 1e-3
+    # the session agrees with torch at a batch size never seen during export, with the null label
+    den = OnnxDenoiser(reg.artifact_path(out, "onnx"))
+    x = torch.randn(5, 4, 16, 16)
+    t = torch.tensor([0, 10, 50, 99, 3])
+    y = torch.tensor([0, 1, 2, 2, 1])
+    np.testing.assert_allclose(den(x, t, {"y": y}).numpy(), unet.eval()(x, t, y).detach().numpy(), atol=1e-4)
+
+
+def test_gate_refuses_a_disagreeing_export_and_attaches_nothing(home):
+    reg, entry, _ = _register(home)
+    with pytest.raises(MedcfxError, match="export refused"):
+        export_model(reg, entry.ref, tol_call=1e-12, log=lambda *_: None)
+    assert "onnx" not in reg.resolve(entry.ref).artifacts
+
+
+def test_cli_export_show_and_onnx_backend_matches_torch(home, tmp_path):
+    from medcfx.data.demo import make_demo
+
+    reg, entry, _ = _register(home)
+    env = cli_env(home)
+    proc = run_cli(["export", entry.ref, "--format", "onnx"], env=env, check=0)
+    assert "counterfactual parity" in proc.stdout
+    shown = json.loads(run_cli(["models", "show", entry.ref, "--json"], env=env, check=0).stdout)
+    assert shown["export"]["parity"]["per_call_max_abs"] < 1e-4 and "onnx" in shown["artifacts"]
+    run_cli(["models", "verify", entry.ref], env=env, check=0)
+    data = make_demo("brain", tmp_path / "b", cases=1, seed=0, shape=(32, 32, 10), tumour_free_fraction=0.0)
+    case = next(p for p in data.iterdir() if p.is_dir())
+    maps = {}
+    for backend in ("torch", "onnx"):
+        run_cli(["explain", case, "--model", entry.ref, "--out", tmp_path / backend, "--backend", backend,
+                 "--device", "cpu"], env=env, check=0)
+        import nibabel as nib
+
+        maps[backend] = nib.load(str(tmp_path / backend / case.name / "heatmap.nii.gz")).get_fdata()
+    assert np.abs(maps["torch"]).max() > 0
+    np.testing.assert_allclose(maps["onnx"], maps["torch"], atol=1e-3)
+
+
+def test_onnx_backend_without_export_and_tampered_onnx_are_refused(home, tmp_path):
+    reg, entry, _ = _register(home)
+    env = cli_env(home)
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(img)
+    proc = run_cli(["explain", img, "--model", entry.ref, "--backend", "onnx", "--out", tmp_path / "o"], env=env)
+    assert proc.returncode == 2 and "has no ONNX export" in proc.stderr
+    entry = export_model(reg, entry.ref, log=lambda *_: None)
+    blob = reg.artifact_path(entry, "onnx")
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-5] + b"xxxxx")
+    proc = run_cli(["explain", img, "--model", entry.ref, "--backend", "onnx", "--out", tmp_path / "o"], env=env)
+    assert proc.returncode == 3 and "sha256" in proc.stderr and not (tmp_path / "o" / "x").exists()
