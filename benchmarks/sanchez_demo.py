@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true", help="use models already registered under the bench names")
     ap.add_argument("--only-eval", action="store_true")
+    ap.add_argument("--attn-model", default=None,
+                    help="use this registered sanchez model (e.g. sanchez-demo, same preset and seed) for the attention rows")
     ap.add_argument("--out", type=Path, default=Path("bench-sanchez"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,8 @@ def main() -> None:
     }
     have = models()
     train_seconds = {}
+    if args.attn_model:
+        specs.pop(f"bench-sanchez-attn-s{s}")
     for name, (method, extra) in specs.items():
         if args.reuse and name in have:
             continue
@@ -72,6 +76,8 @@ def main() -> None:
                      "--name", name, "--seed", s, "--device", "cpu", "--runs-dir", args.out / "runs", *extra], log)
         train_seconds[name] = round(time.time() - t0)
     have = models()
+    if args.attn_model:
+        have[f"bench-sanchez-attn-s{s}"] = args.attn_model
     common = ["--data", args.test, "--max-slices", args.max_slices, "--device", "cpu"]
     rows = [  # (table, row label, method, model name or None, extra evaluate args, trained on)
         (1, "Thresholding (FLAIR)", "threshold", None, [], "Not"),

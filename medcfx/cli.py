@@ -278,40 +278,32 @@ def _check_inputs(paths: list[Path]) -> None:
             raise UsageError(f"input {p}: no such file or folder")
 
 
-@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
-def explain(
-    ctx: typer.Context,
-    inputs: list[Path] = typer.Argument(..., help="Image(s), NIfTI volume(s) or case folder(s)."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Method (default: the --model's method)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Registry reference: name, name:VERSION or sha256:PREFIX."),
-    out: Path = typer.Option(Path("medcfx-out"), "--out", "-o", help="Output folder."),
-    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
-    sets: list[str] = typer.Option([], "--set"),
-    device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
-    backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
-) -> None:
-    """Explain images with counterfactuals: writes counterfactuals, maps, panels and provenance."""
-    m, request = _inference_request("explain", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs,
-                                     extra={"backend": _backend(backend)})
-    _run(m, "explain", request)
+def _input_command(name: str, summary: str, inputs_help: str, default_out: Optional[Path]) -> None:
+    """explain / grade / predict: INPUT... plus the common inference options, dispatched to the method."""
+
+    def command(
+        ctx: typer.Context,
+        inputs: list[Path] = typer.Argument(..., help=inputs_help),
+        method: Optional[str] = typer.Option(None, "--method", "-m", help="Method (default: the --model's method)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Registry reference: name, name:VERSION or sha256:PREFIX."),
+        out: Optional[Path] = typer.Option(default_out, "--out", "-o", help="Output folder."),
+        config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config merged over the defaults."),
+        sets: list[str] = typer.Option([], "--set", help="Override one config value: a.b=c (repeatable)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+        seed: int = typer.Option(0, "--seed", help="Random seed."),
+        backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
+    ) -> None:
+        m, request = _inference_request(name, ctx, method, model, config_file, sets, device, seed, out,
+                                         inputs=inputs, extra={"backend": _backend(backend)})
+        _run(m, name, request)
+
+    command.__doc__ = summary
+    app.command(name, context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)(command)
 
 
-@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
-def grade(
-    ctx: typer.Context,
-    inputs: list[Path] = typer.Argument(..., help="Image(s) to grade."),
-    method: Optional[str] = typer.Option(None, "--method", "-m"),
-    model: Optional[str] = typer.Option(None, "--model"),
-    out: Path = typer.Option(Path("medcfx-out"), "--out", "-o"),
-    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
-    sets: list[str] = typer.Option([], "--set"),
-    device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """Grade severity and show counterfactuals across grades."""
-    m, request = _inference_request("grade", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
-    _run(m, "grade", request)
+_input_command("explain", "Explain images with counterfactuals: writes counterfactuals, maps, panels and provenance.",
+               "Image(s), NIfTI volume(s) or case folder(s).", Path("medcfx-out"))
+_input_command("grade", "Grade severity and show counterfactuals across grades.", "Image(s) to grade.", Path("medcfx-out"))
 
 
 @app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
@@ -334,21 +326,7 @@ def evaluate(
     _run(m, "evaluate", request)
 
 
-@app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)
-def predict(
-    ctx: typer.Context,
-    inputs: list[Path] = typer.Argument(..., help="Images to classify."),
-    method: Optional[str] = typer.Option(None, "--method", "-m"),
-    model: Optional[str] = typer.Option(None, "--model"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
-    config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
-    sets: list[str] = typer.Option([], "--set"),
-    device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """Predict per-finding probabilities for images."""
-    m, request = _inference_request("predict", ctx, method, model, config_file, sets, device, seed, out, inputs=inputs)
-    _run(m, "predict", request)
+_input_command("predict", "Predict per-finding probabilities for images.", "Images to classify.", None)
 
 
 @app.command(context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)

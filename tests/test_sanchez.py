@@ -272,3 +272,28 @@ def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
     best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
     assert res["recommended"] == best
     assert f"--guidance {best['guidance']:g} --noise-level 0.5" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ the bundled demo model
+
+
+def test_bundled_demo_model_leaves_healthy_slices_nearly_unchanged_and_marks_lesions(tmp_path, home):
+    """The trained demo model (models/, registry.yaml) on a tumour-free brain and on the bundled tumour case."""
+    root = Path(__file__).resolve().parents[1]
+    env = cli_env(home)
+    healthy = make_demo("brain", tmp_path / "h", cases=1, seed=11, shape=(120, 120, 78), tumour_free_fraction=1.0)
+    case = next(p for p in healthy.iterdir() if p.is_dir())
+    for f in case.iterdir():  # six central slices keep the test short
+        img = nib.load(str(f))
+        nib.save(img.slicer[:, :, 36:42], str(f))
+    run_cli(["explain", case, "--model", "sanchez-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env, check=0)
+    h = nib.load(str(tmp_path / "o" / case.name / "heatmap.nii.gz")).get_fdata()
+    sick = root / "models" / "demo-inputs" / "brain" / "demo_case"
+    run_cli(["explain", sick, "--model", "sanchez-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env, check=0)
+    s = nib.load(str(tmp_path / "o" / "demo_case" / "heatmap.nii.gz")).get_fdata()
+    seg = nib.load(str(sick / "demo_case_seg.nii.gz")).get_fdata() > 0
+    brain = nib.load(str(case / f"{case.name}_flair.nii.gz")).get_fdata() > 0
+    lesion = float(np.median(s[seg]))
+    assert float(h[brain].mean()) < lesion / 3  # a healthy brain changes far less than a tumour does
+    assert float(np.percentile(h[brain], 95)) < lesion  # and nowhere as much as inside a tumour
+    assert float(s[seg].mean()) > 3 * float(s[~seg & (s > 0)].mean())  # the heatmap concentrates on the lesion
