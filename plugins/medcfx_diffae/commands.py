@@ -1,0 +1,332 @@
+"""The ``explain`` / ``grade`` / ``evaluate`` handlers of the diffae methods.
+
+Per input image (all inputs are read and checked before any model runs, and each image's outputs are
+written to a temporary folder renamed into place, so a bad input leaves nothing half-written):
+
+    x0 -> z_sem = Enc(x0) -> x_T = DDIM-inversion(x0 | z_sem)             (encode_steps, paper 250)
+    codes: z_sem (reconstruction), reflect(z_sem) (binary counterfactual), to_grade(z_sem, g) per grade
+    frames = DDIM-decode(x_T | code) for every code in one batch            (decode_steps, paper 100)
+    score of each frame = calibrated grade of Enc(frame) (what the grader sees in the generated image)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medcfx.errors import MedcfxError, UsageError
+
+from medcfx_diffae.grader import GRADER_METHOD, load_grader
+from medcfx_diffae.model import DEMO_GRADER, DEMO_MODEL, METHOD, load_autoencoder, load_input
+
+# ---------------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _steps(request, loaded) -> tuple[int, int]:
+    enc = int(request.options.get("encode_steps") or loaded.sample.get("encode_steps", 250))
+    dec = int(request.options.get("decode_steps") or loaded.sample.get("decode_steps", 100))
+    for flag, v in (("--encode-steps", enc), ("--decode-steps", dec)):
+        if not 1 <= v <= loaded.schedule.T:
+            raise UsageError(f"{flag} must be in [1, {loaded.schedule.T}], got {v}")
+    return enc, dec
+
+
+def _read_inputs(paths, loaded) -> list[np.ndarray]:
+    """Every input read and checked first: a bad one stops the command before anything is computed."""
+    if not paths:
+        raise UsageError("no input image given")
+    return [load_input(Path(p), loaded.preprocess, loaded.model.channels) for p in paths]
+
+
+def _out_dirs(out: Path, paths) -> list[Path]:
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).name.split(".")[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(out / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
+    return names
+
+
+class _Staging:
+    """A temporary sibling folder renamed onto ``final`` when complete (removed on error)."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return False
+
+
+def recon_errors(x: np.ndarray, y: np.ndarray) -> dict:
+    """MSE, MAE (model units, images in [-1, 1]) and PSNR = 10 log10(2^2 / MSE) of one image pair."""
+    diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
+    mse = float(np.mean(diff ** 2))
+    return {"mse": mse, "mae": float(np.mean(np.abs(diff))),
+            "psnr_db": float(10 * math.log10(4.0 / mse)) if mse > 0 else math.inf}
+
+
+@dataclass
+class Analysis:
+    x: np.ndarray  # [C, S, S]
+    frames: dict  # name -> [C, S, S]
+    scores: dict  # name -> calibrated grade of Enc(frame)
+    prediction: dict  # distance, probability, grade, grade_rounded of the input
+    targets: dict  # name -> target grade / distance
+
+
+def analyse(loaded, grader, classifier, x: np.ndarray, enc_steps: int, dec_steps: int, grades=(),
+            binary: bool = True, device: str = "cpu") -> Analysis:
+    """Encode one image, build the edited codes, decode them in one batch, score the frames."""
+    import torch
+
+    from medcfx_diffae.model import decode_codes, semantic, stochastic_encode
+
+    model, schedule = loaded.model, loaded.schedule
+    xt = torch.from_numpy(x[None]).to(device)
+    z = semantic(model, xt)
+    x_T = stochastic_encode(model, schedule, xt, z, enc_steps)
+    z_np = z.cpu().numpy().astype(np.float64)
+    codes = {"reconstruction": z_np[0]}
+    pred, targets = {}, {}
+    if grader is not None:
+        p = grader.predict(z_np, classifier)
+        pred = {k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in p.items()}
+        if binary:
+            codes["counterfactual"] = grader.reflect(z_np, classifier)[0]
+            targets["counterfactual"] = {"distance": -pred["distance"]}
+        plane = grader.plane(classifier)
+        for g in grades:
+            d_star = plane.distance_for_grade(float(g))
+            codes[f"grade_{_gname(g)}"] = grader.move(z_np, d_star, classifier)[0]
+            targets[f"grade_{_gname(g)}"] = {"grade": float(g), "distance": d_star}
+    names = list(codes)
+    zs = torch.from_numpy(np.stack([codes[n] for n in names]).astype(np.float32)).to(device)
+    xs = decode_codes(model, schedule, x_T.expand(len(names), *x_T.shape[1:]).contiguous(), zs, dec_steps)
+    frames = {n: xs[i].cpu().numpy() for i, n in enumerate(names)}
+    scores = {}
+    if grader is not None:
+        zf = semantic(model, xs).cpu().numpy().astype(np.float64)
+        pf = grader.predict(zf, classifier)
+        scores = {n: {"grade": float(pf["grade"][i]), "distance": float(pf["distance"][i]),
+                      "probability": float(pf["probability"][i])} for i, n in enumerate(names)}
+    return Analysis(x, frames, scores, pred, targets)
+
+
+def _gname(g) -> str:
+    g = float(g)
+    return str(int(g)) if g == int(g) else f"{g:g}".replace("-", "m").replace(".", "p")
+
+
+def _heat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean(axis=0)
+
+
+def _png(img, path: Path) -> Path:
+    from medcfx.viz import save_png
+
+    return save_png(img, path)
+
+
+def _resolve_models(registry, ref: str | None, grader_ref: str | None, default_ref: str):
+    """(autoencoder Loaded-args ref, grader entry or None) from a reference that may name either."""
+    entry = registry.resolve(ref or default_ref)
+    if entry.method == GRADER_METHOD:
+        return entry.parent, entry.ref
+    if entry.method != METHOD:
+        raise UsageError(f"model {entry.ref} is a '{entry.method}' model, not a diffae autoencoder or grader")
+    return entry.ref, (grader_ref or None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# grade
+
+
+class GraderSampler:
+    """``medcfx grade IMAGE [--model GRADER] [--out DIR]``."""
+
+    def grade(self, request):
+        from medcfx.provenance import record, write_json
+        from medcfx.viz import grid, heat_rgb
+
+        from medcfx_diffae.model import to_display
+
+        registry = request.registry
+        grader, gentry = load_grader(registry, request.model or DEMO_GRADER)
+        loaded = load_autoencoder(registry, gentry.parent, request.device)
+        classifier = request.options.get("classifier") or None
+        grader.plane(classifier)
+        cname = classifier or grader.info.get("classifier", "svm")
+        enc, dec = _steps(request, loaded)
+        grades = _target_grades(request.options.get("grades"), grader)
+        xs = _read_inputs(request.inputs, loaded)
+        out = Path(request.out or "medcfx-out")
+        results = []
+        for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):
+            a = analyse(loaded, grader, classifier, x, enc, dec, grades, binary=True, device=request.device)
+            p = a.prediction
+            rec = recon_errors(x, a.frames["reconstruction"])
+            names = [f"grade_{_gname(g)}" for g in grades]
+            with _Staging(folder) as tmp:
+                _png(to_display(x), tmp / "input.png")
+                _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
+                _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
+                vmax = max([_heat(x, a.frames[n]).max() for n in ["counterfactual", *names]] + [1e-6])
+                _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
+                for n in names:
+                    _png(to_display(a.frames[n]), tmp / f"{n}.png")
+                    _png(heat_rgb(_heat(x, a.frames[n]), vmax), tmp / f"diff_{n}.png")
+                # the strip: input, then one frame per grade with the regressed score of the generated image
+                top = [to_display(x)] + [to_display(a.frames[n]) for n in names]
+                top_t = [f"input {p['grade']:.2f}"] + [f"G{_gname(g)}: {a.scores[n]['grade']:.2f}"
+                                                       for g, n in zip(grades, names)]
+                bottom = [to_display(a.frames["counterfactual"])] + [heat_rgb(_heat(x, a.frames[n]), vmax)
+                                                                     for n in names]
+                bottom_t = [f"flip {a.scores['counterfactual']['grade']:.2f}"] + [f"|x-G{_gname(g)}|" for g in grades]
+                _png(grid([top, bottom], [top_t, bottom_t], scale=3), tmp / "strip.png")
+                _png(grid([[to_display(x), to_display(a.frames["reconstruction"]),
+                            heat_rgb(_heat(x, a.frames["reconstruction"]), vmax),
+                            to_display(a.frames["counterfactual"]),
+                            heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]],
+                          [["input", "reconstruction", "|x-rec|", "counterfactual", "|x-cf|"]], scale=3),
+                     tmp / "panel.png")
+                result = {
+                    "input": str(path), "grader": gentry.ref, "autoencoder": loaded.entry.ref,
+                    "classifier": cname,
+                    "grade": p["grade"], "grade_rounded": int(p["grade_rounded"]),
+                    "probability": p["probability"], "distance": p["distance"],
+                    "reconstruction": rec,
+                    "frames": {n: {**a.targets.get(n, {}), "score": a.scores[n]} for n in a.frames},
+                }
+                write_json(tmp / "result.json", result)
+                params = {"classifier": cname, "encode_steps": enc, "decode_steps": dec, "grades": list(grades),
+                          "normalisation": grader.info.get("normalisation")}
+                write_json(tmp / "provenance.json", record(request, gentry, params, [path],
+                                                           autoencoder=loaded.entry.ref,
+                                                           autoencoder_sha256=loaded.entry.digest))
+            results.append(result)
+            request.log(f"{Path(path).name}: grade {p['grade']:.2f} -> G{int(p['grade_rounded'])} | "
+                        f"P(positive) {p['probability']:.3f} | distance {p['distance']:+.3f} ({cname}) | "
+                        f"-> {folder}")
+        if request.console is None:
+            return {"results": results}
+        return {"printed": True}
+
+
+def _target_grades(option, grader) -> list[float]:
+    if option:
+        try:
+            return [float(g) for g in option]
+        except ValueError:
+            raise UsageError(f"--grades expects numbers, got {','.join(option)}") from None
+    lo, hi = grader.grade_range
+    return [float(g) for g in range(lo, hi + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# explain
+
+
+class AESampler:
+    """``medcfx explain INPUT --method diffae [--model AE|GRADER] [--reconstruct] [--grader GRADER]``."""
+
+    def explain(self, request):
+        from medcfx.provenance import record, write_json
+        from medcfx.viz import grid, heat_rgb
+
+        from medcfx_diffae.model import to_display
+
+        registry = request.registry
+        reconstruct = bool(request.options.get("reconstruct"))
+        ae_ref, grader_ref = _resolve_models(registry, request.model, request.options.get("grader"),
+                                             DEMO_MODEL if reconstruct else DEMO_GRADER)
+        if not reconstruct and grader_ref is None:
+            raise UsageError("explain --method diffae: nothing to do; pass --reconstruct and/or a grader "
+                             "(--grader REF or --model GRADER)")
+        grader = gentry = None
+        if grader_ref is not None:
+            grader, gentry = load_grader(registry, grader_ref)
+            if gentry.parent != registry.resolve(ae_ref).ref:
+                raise UsageError(f"grader {gentry.ref} belongs to {gentry.parent}, not to {ae_ref}")
+        loaded = load_autoencoder(registry, ae_ref, request.device)
+        classifier = request.options.get("classifier") or None
+        if grader is not None:
+            grader.plane(classifier)
+        enc, dec = _steps(request, loaded)
+        xs = _read_inputs(request.inputs, loaded)
+        out = Path(request.out or "medcfx-out")
+        summary = []
+        for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):
+            a = analyse(loaded, grader, classifier, x, enc, dec, (), binary=grader is not None,
+                        device=request.device)
+            rec = recon_errors(x, a.frames["reconstruction"])
+            with _Staging(folder) as tmp:
+                images, titles = [to_display(x)], ["input"]
+                _png(to_display(x), tmp / "input.png")
+                vmax = max([_heat(x, f).max() for f in a.frames.values()] + [1e-6])
+                if reconstruct:
+                    _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
+                    _png(heat_rgb(_heat(x, a.frames["reconstruction"]), vmax), tmp / "diff_reconstruction.png")
+                    images += [to_display(a.frames["reconstruction"]), heat_rgb(_heat(x, a.frames["reconstruction"]), vmax)]
+                    titles += ["reconstruction", f"|x-rec| mse {rec['mse']:.4f}"]
+                if grader is not None:
+                    _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
+                    _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
+                    images += [to_display(a.frames["counterfactual"]), heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]
+                    titles += [f"counterfactual {a.scores['counterfactual']['grade']:.2f}", "|x-cf|"]
+                _png(grid([images], [titles], scale=3), tmp / "panel.png")
+                result = {"input": str(path), "autoencoder": loaded.entry.ref,
+                          "grader": gentry.ref if gentry else None}
+                if reconstruct:
+                    result["reconstruction"] = rec
+                if grader is not None:
+                    result.update(prediction=a.prediction, counterfactual=a.scores["counterfactual"])
+                write_json(tmp / "result.json", result)
+                params = {"encode_steps": enc, "decode_steps": dec, "reconstruct": reconstruct,
+                          "classifier": classifier}
+                write_json(tmp / "provenance.json", record(request, loaded.entry, params, [path],
+                                                           grader=gentry.ref if gentry else None))
+            summary.append(result)
+            msg = f"{Path(path).name}:"
+            if reconstruct:
+                msg += f" reconstruction MSE {rec['mse']:.5f}, MAE {rec['mae']:.4f}, PSNR {rec['psnr_db']:.1f} dB;"
+            if grader is not None:
+                msg += (f" grade {a.prediction['grade']:.2f} -> counterfactual "
+                        f"{a.scores['counterfactual']['grade']:.2f};")
+            request.log(f"{msg} -> {folder}")
+        if request.console is None:
+            return {"results": summary}
+        return {"printed": True}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+class AEScorer:
+    """``medcfx evaluate diffae --model AE|GRADER --data test/``."""
+
+    def evaluate(self, request):
+        from medcfx_diffae.evaluate import evaluate
+
+        return evaluate(request)
+
+
+__all__ = ["AESampler", "AEScorer", "GraderSampler", "analyse", "recon_errors", "MedcfxError"]

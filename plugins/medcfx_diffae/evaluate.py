@@ -1,0 +1,279 @@
+"""``medcfx evaluate diffae --model REF --data test/``: detection, grading and reconstruction, next to a
+supervised CNN trained on the same labels inside the evaluation.
+
+Rows of the test set follow the grader's label rules (``binary_targets``): detection uses the rows with a
+binary target, grading the rows with a grade.
+
+    detection AUROC   roc_auc_score(target, score)      score = signed distance d (grader), logit (CNN)
+    detection F1      f1_score(target, score > 0)       the decision boundary d = 0 / logit = 0
+    grading macro-F1  f1_score(grade, rounded prediction, average="macro", labels = the grade range)
+    grading MAE       mean |rounded prediction - grade|
+    reconstruction    mean MSE / MAE / PSNR of decode(encode(x)) over the first ``--recon-images`` images
+
+The CNN baseline (Atad et al. use DenseNet121 "trained from scratch with the same data pipeline"; here a
+small 4-stage CNN, sized for a CPU) has two heads trained jointly for ``--baseline-steps`` steps with Adam:
+a binary logit (BCE on class-balanced batches of the rows with a binary target) and a grade regression
+(MSE on batches of the graded rows). It trains on the grader's training data (``--train-data``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from medcfx.errors import MedcfxError, UsageError
+
+from medcfx_diffae.grader import binary_targets, label_column, load_grader
+from medcfx_diffae.model import GRADER_METHOD, METHOD, load_autoencoder, semantic
+
+
+def detection_metrics(target, score) -> dict:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    t = np.asarray(target)
+    ok = np.isfinite(t)
+    t, s = t[ok].astype(int), np.asarray(score, np.float64)[ok]
+    if len(np.unique(t)) < 2:
+        return {"detection_AUROC": math.nan, "detection_F1": math.nan, "detection_n": int(len(t))}
+    return {"detection_AUROC": float(roc_auc_score(t, s)),
+            "detection_F1": float(f1_score(t, (s > 0).astype(int), zero_division=0)),
+            "detection_n": int(len(t)), "detection_positive": int(t.sum())}
+
+
+def grading_metrics(grade, predicted, grade_range) -> dict:
+    from sklearn.metrics import f1_score
+
+    g = np.asarray(grade, np.float64)
+    ok = np.isfinite(g)
+    if not ok.any():
+        return {"grading_macro_F1": math.nan, "grading_MAE": math.nan, "grading_n": 0}
+    lo, hi = grade_range
+    t = g[ok].astype(int)
+    p = np.clip(np.round(np.asarray(predicted, np.float64)[ok]), lo, hi).astype(int)
+    return {"grading_macro_F1": float(f1_score(t, p, labels=list(range(lo, hi + 1)), average="macro",
+                                              zero_division=0)),
+            "grading_MAE": float(np.mean(np.abs(p - t))), "grading_n": int(ok.sum())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CNN baseline
+
+
+def make_cnn(channels: int):
+    from torch import nn
+
+    layers, cin = [], channels
+    for cout in (16, 32, 64, 64):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                   nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.AvgPool2d(2)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 2))
+
+
+def train_cnn(images, target, grades, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3):
+    """Train the two-head CNN; returns the model (eval mode). images [N, C, S, S] tensor in [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = make_cnn(images.shape[1])
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    t = np.asarray(target, np.float64)
+    pos = torch.from_numpy(np.flatnonzero(t == 1))
+    neg = torch.from_numpy(np.flatnonzero(t == 0))
+    gr = np.asarray(grades, np.float64)
+    graded = torch.from_numpy(np.flatnonzero(np.isfinite(gr)))
+    gr_t = torch.from_numpy(np.nan_to_num(gr)).float()
+    if len(pos) == 0 or len(neg) == 0:
+        raise MedcfxError("CNN baseline: the training data has no positive or no negative sample")
+    net.train()
+    for _ in range(int(steps)):
+        half = batch // 2
+        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                         neg[torch.randint(len(neg), (batch - half,), generator=g)]])
+        y = torch.cat([torch.ones(half), torch.zeros(batch - half)])
+        loss = F.binary_cross_entropy_with_logits(net(images[idx])[:, 0], y)
+        if len(graded):
+            gi = graded[torch.randint(len(graded), (batch // 2,), generator=g)]
+            loss = loss + F.mse_loss(net(images[gi])[:, 1], gr_t[gi])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def cnn_predict(net, images, batch: int = 128):
+    import torch
+
+    with torch.no_grad():
+        out = torch.cat([net(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return out[:, 0].numpy().astype(np.float64), out[:, 1].numpy().astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolve(registry, model_ref: str | None, grader_opt: str):
+    if not model_ref:
+        raise UsageError("evaluate diffae needs --model (an autoencoder or a grader)")
+    entry = registry.resolve(model_ref)
+    if entry.method == GRADER_METHOD:
+        return entry.parent, entry.ref
+    if entry.method != METHOD:
+        raise UsageError(f"model {entry.ref} is a '{entry.method}' model, not a diffae autoencoder or grader")
+    if grader_opt:
+        return entry.ref, grader_opt
+    children = [e for e in registry.entries() if e.method == GRADER_METHOD and e.parent == entry.ref]
+    if not children:
+        raise UsageError(f"no grader belongs to {entry.ref}: train one with `medcfx train {GRADER_METHOD} "
+                         f"--model {entry.ref} --data LABELLED/` or pass --grader REF")
+    return entry.ref, max(children, key=lambda e: e.created).ref
+
+
+def evaluate(request) -> dict:
+    import torch
+
+    from medcfx.provenance import record, write_json
+
+    from medcfx_diffae.commands import _steps, recon_errors
+    from medcfx_diffae.model import decode_codes, stochastic_encode
+    from medcfx_diffae.trainer import load_images
+
+    registry = request.registry
+    ae_ref, grader_ref = _resolve(registry, request.model, request.options.get("grader") or "")
+    grader, gentry = load_grader(registry, grader_ref)
+    if registry.resolve(ae_ref).ref != gentry.parent:
+        raise UsageError(f"grader {gentry.ref} belongs to {gentry.parent}, not to {ae_ref}")
+    loaded = load_autoencoder(registry, gentry.parent, request.device)
+    enc, dec = _steps(request, loaded)
+    n_rec = int(request.options.get("recon_images", 16))
+    if n_rec < 0:
+        raise UsageError(f"--recon-images must be >= 0, got {n_rec}")
+    baseline = bool(request.options.get("baseline", True))
+    train_data = request.options.get("train_data") or gentry.provenance.get("data") or ""
+    if baseline and not (train_data and Path(train_data).exists()):
+        raise UsageError(f"the CNN baseline trains on the grader's labelled data ({train_data or 'unknown'}), "
+                         f"which is not here: pass --train-data PATH or --baseline=false")
+    info = grader.info
+    images, ss = load_images(request.data, loaded.preprocess)
+    if images.shape[1] != loaded.model.channels:
+        raise UsageError(f"--data {request.data}: images have {images.shape[1]} channel(s), "
+                         f"{loaded.entry.ref} expects {loaded.model.channels}")
+    target = binary_targets(ss.grade, label_column(ss, info.get("label", "")), info["positive_grades"],
+                            info["negative_grades"], info.get("ungraded_positive", False))
+    request.log(f"evaluating {gentry.ref} (autoencoder {loaded.entry.ref}) on {len(images)} images")
+    z = semantic(loaded.model, images.to(request.device)).cpu().numpy().astype(np.float64)
+    rows = []
+    for clf in grader.planes:
+        p = grader.predict(z, clf)
+        rows.append({"encoder": "DAE", "classifier": {"svm": "SVM", "logreg": "LR"}[clf], "model": gentry.ref,
+                     **detection_metrics(target, p["distance"]),
+                     **grading_metrics(ss.grade, p["grade"], grader.grade_range)})
+    if baseline:
+        tr_images, tr_ss = load_images(Path(train_data), loaded.preprocess)
+        tr_target = binary_targets(tr_ss.grade, label_column(tr_ss, info.get("label", "")),
+                                   info["positive_grades"], info["negative_grades"],
+                                   info.get("ungraded_positive", False))
+        steps = int(request.options.get("baseline_steps", 600))
+        request.log(f"training the CNN baseline on {train_data} for {steps} steps")
+        net = train_cnn(tr_images, tr_target, tr_ss.grade, steps, seed=request.seed)
+        logit, gpred = cnn_predict(net, images)
+        rows.append({"encoder": "-", "classifier": "CNN", "model": f"trained on {train_data}",
+                     **detection_metrics(target, logit), **grading_metrics(ss.grade, gpred, grader.grade_range)})
+    recon = {}
+    if n_rec:
+        x = images[:n_rec].to(request.device)
+        zs = torch.from_numpy(z[:n_rec].astype(np.float32)).to(request.device)
+        x_T = stochastic_encode(loaded.model, loaded.schedule, x, zs, enc)
+        xr = decode_codes(loaded.model, loaded.schedule, x_T, zs, dec).cpu().numpy()
+        errs = [recon_errors(a, b) for a, b in zip(images[:n_rec].numpy(), xr)]
+        recon = {f"reconstruction_{k}": float(np.mean([e[k] for e in errs])) for k in errs[0]}
+        recon["reconstruction_n"] = len(errs)
+    reliance = semantic_reliance(loaded, images[: max(n_rec, 32)], z[: max(n_rec, 32)], seed=request.seed)
+    result = {"grader": gentry.ref, "autoencoder": loaded.entry.ref, "data": str(request.data),
+              "semantic_reliance": reliance,
+              "encode_steps": enc, "decode_steps": dec, "rows": rows, **recon,
+              "label_rule": {k: info.get(k) for k in ("positive_grades", "negative_grades", "ungraded_positive",
+                                                      "label")}}
+    out = Path(request.out or "medcfx-eval")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result)
+    (out / ".metrics.md.tmp").write_text(markdown_table(result))
+    (out / ".metrics.md.tmp").replace(out / "metrics.md")
+    write_json(out / "provenance.json", record(request, gentry, {"encode_steps": enc, "decode_steps": dec,
+                                                               "recon_images": n_rec, "baseline": baseline,
+                                                               "train_data": train_data}, [request.data]))
+    if request.console is not None:
+        _print_table(request.console, result)
+        request.console.print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+        return {"printed": True}
+    return result
+
+
+def semantic_reliance(loaded, images, z: np.ndarray, seed: int = 0, timesteps=(100, 300, 500)) -> dict:
+    """How much the denoiser uses z_sem: eps-MSE with each image's own code and with another image's code
+    (the codes rolled by one), at a few timesteps: {t: [own, other, other / own]}.
+
+    A ratio near 1 means the decoder ignores z_sem: x_T then carries the whole image and edits of z_sem
+    (the counterfactuals) change little. Fixed noise from ``seed``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = images
+    zt = torch.from_numpy(z.astype(np.float32))
+    other = torch.roll(zt, 1, dims=0)
+    out = {}
+    with torch.no_grad():
+        for t in timesteps:
+            tt = torch.full((len(x),), int(t), dtype=torch.int64)
+            noise = torch.randn(x.shape, generator=g)
+            xt = loaded.schedule.q_sample(x, tt, noise)
+            own = float((loaded.model.unet(xt, tt, z_sem=zt) - noise).pow(2).mean())
+            oth = float((loaded.model.unet(xt, tt, z_sem=other) - noise).pow(2).mean())
+            out[str(t)] = [own, oth, oth / own if own > 0 else math.nan]
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| Encoder | Classifier | Detection AUC | Detection F1 | Grading macro-F1 | Grading MAE |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['encoder']} | {r['classifier']} | {_fmt(r['detection_AUROC'])} | "
+                     f"{_fmt(r['detection_F1'])} | {_fmt(r['grading_macro_F1'])} | {_fmt(r['grading_MAE'])} |")
+    if result.get("semantic_reliance"):
+        lines.append("")
+        lines.append("Reliance on z_sem (eps-MSE with another image's code / with its own code): " + ", ".join(
+            f"t={t}: {v[2]:.3f}" for t, v in result["semantic_reliance"].items()) + " (1 = z_sem ignored).")
+    if "reconstruction_mse" in result:
+        lines.append("")
+        lines.append(f"Reconstruction (encode {result['encode_steps']} / decode {result['decode_steps']} DDIM "
+                     f"steps, {result['reconstruction_n']} test images): MSE {result['reconstruction_mse']:.5f}, "
+                     f"MAE {result['reconstruction_mae']:.4f}, PSNR {result['reconstruction_psnr_db']:.1f} dB "
+                     f"(images in [-1, 1]).")
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(console, result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"diffae: {result['grader']} on {result['data']}")
+    for col in ("encoder", "classifier", "detection AUC", "detection F1", "grading macro-F1", "grading MAE"):
+        table.add_column(col)
+    for r in result["rows"]:
+        table.add_row(r["encoder"], r["classifier"], _fmt(r["detection_AUROC"]), _fmt(r["detection_F1"]),
+                      _fmt(r["grading_macro_F1"]), _fmt(r["grading_MAE"]))
+    console.print(table)
+    if result.get("semantic_reliance"):
+        console.print("reliance on z_sem (eps-MSE other code / own code): " + ", ".join(
+            f"t={t}: {v[2]:.3f}" for t, v in result["semantic_reliance"].items()))
+    if "reconstruction_mse" in result:
+        console.print(f"reconstruction: MSE {result['reconstruction_mse']:.5f}, MAE {result['reconstruction_mae']:.4f}, "
+                      f"PSNR {result['reconstruction_psnr_db']:.1f} dB over {result['reconstruction_n']} images")
