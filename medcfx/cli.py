@@ -292,9 +292,10 @@ def _input_command(name: str, summary: str, inputs_help: str, default_out: Optio
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
         seed: int = typer.Option(0, "--seed", help="Random seed."),
         backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
+        bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend (faster on CPUs with AVX-512 BF16 and on GPUs)."),
     ) -> None:
         m, request = _inference_request(name, ctx, method, model, config_file, sets, device, seed, out,
-                                         inputs=inputs, extra={"backend": _backend(backend)})
+                                         inputs=inputs, extra={"backend": _backend(backend), "bf16": bf16})
         _run(m, name, request)
 
     command.__doc__ = summary
@@ -318,10 +319,11 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
     backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend."),
 ) -> None:
     """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
     m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data,
-                                     extra={"backend": _backend(backend)})
+                                     extra={"backend": _backend(backend), "bf16": bf16})
     _check_inputs([data])
     _run(m, "evaluate", request)
 

@@ -68,15 +68,20 @@ def test_cli_export_show_and_onnx_backend_matches_torch(home, tmp_path):
     run_cli(["models", "verify", entry.ref], env=env, check=0)
     data = make_demo("brain", tmp_path / "b", cases=1, seed=0, shape=(32, 32, 10), tumour_free_fraction=0.0)
     case = next(p for p in data.iterdir() if p.is_dir())
-    maps = {}
-    for backend in ("torch", "onnx"):
-        run_cli(["explain", case, "--model", entry.ref, "--out", tmp_path / backend, "--backend", backend,
-                 "--device", "cpu"], env=env, check=0)
-        import nibabel as nib
+    import nibabel as nib
 
-        maps[backend] = nib.load(str(tmp_path / backend / case.name / "heatmap.nii.gz")).get_fdata()
+    maps = {}
+    for name, flags in (("torch", []), ("onnx", ["--backend", "onnx"]), ("bf16", ["--bf16"])):
+        run_cli(["explain", case, "--model", entry.ref, "--out", tmp_path / name, "--device", "cpu", *flags],
+                env=env, check=0)
+        maps[name] = nib.load(str(tmp_path / name / case.name / "heatmap.nii.gz")).get_fdata()
+        prov = json.loads((tmp_path / name / case.name / "provenance.json").read_text())
+        assert prov["params"]["backend"] == ("onnx" if name == "onnx" else "torch")
+        assert prov["params"]["bf16"] is (name == "bf16")
     assert np.abs(maps["torch"]).max() > 0
     np.testing.assert_allclose(maps["onnx"], maps["torch"], atol=1e-3)
+    # bf16 autocast changes the numbers a little, not the picture
+    assert np.abs(maps["bf16"] - maps["torch"]).max() < 0.1 and not np.array_equal(maps["bf16"], maps["torch"])
 
 
 def test_onnx_backend_without_export_and_tampered_onnx_are_refused(home, tmp_path):

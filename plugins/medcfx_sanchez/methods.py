@@ -235,6 +235,7 @@ class Sampler:
                     titles.append("mask")
                 viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
+                      "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index]))
@@ -269,7 +270,8 @@ def run_evaluation(request, method: str, entry, options: dict, data: Path, keep_
     bs = options.get("batch_size") or int(request.config["explain"]["batch_size"])
     m = evaluate_maps(lambda x, b: mapper(x, channel=show)[1], model_set, eval_set, rows, batch_size=bs,
                       device=request.device, keep_maps=keep_maps)
-    m["context"] = {"eval_size": eval_size, "slice_stride": options.get("slice_stride") or 1,
+    m["context"] = {"eval_size": eval_size, "backend": req.extra.get("backend", "torch"),
+                    "bf16": bool(req.extra.get("bf16")), "slice_stride": options.get("slice_stride") or 1,
                     "max_slices": options.get("max_slices") or 0,
                     **({k: v for k, v in mapper.params.__dict__.items()} if mapper.params else
                        {"channel": model_set.channels[show]})}

@@ -37,6 +37,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("medcfx-sweep"), "--out", "-o"),
         device: str = typer.Option("auto", "--device"),
         backend: str = typer.Option("torch", "--backend", help="torch or onnx (after `medcfx export`)."),
+        bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend."),
     ) -> None:
         """Sweep guidance scale x noise level on a validation set; report ideal Dice and recommend (w, L)."""
         from rich.table import Table
@@ -60,7 +61,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         defaults = {k: v for k, v in m.defaults.items() if k != "presets"}
         request = Request(command="evaluate", method=m, config=defaults, model=model, data=data, out=out,
                           device=resolve_device(device), registry=get_registry(), console=console,
-                          extra={"backend": _backend(backend)})
+                          extra={"backend": _backend(backend), "bf16": bf16})
         entry = _resolve_entry(request, method)
         rows = []
         for w in ws:
