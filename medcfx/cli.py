@@ -421,19 +421,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # a bug: still one line, with the way to get the traceback
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except typer.Abort:
+        err_console.print("medcfx: aborted")
+        sys.exit(1)
+    except Exception as exc:
+        # Typer's (or Click's) usage errors: one line with the command to get help
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                console.print(exc.ctx.get_help())
+                sys.exit(0)
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err_console.print(f"[red]medcfx: error:[/red] {exc.format_message()}{where}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("medcfx: aborted")
-            sys.exit(1)
         if debug:
             raise
+        # a bug: still one line, with the way to get the traceback
         msg = str(exc).splitlines()[0] if str(exc) else ""
         err_console.print(f"[red]medcfx: internal error:[/red] {type(exc).__name__}: {msg} (run with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
