@@ -43,8 +43,10 @@ def make_denoiser(unet, path: SamplingPath):
     if path.onnx is not None:
         return path.onnx
     module = unet
-    if path.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    if path.channels_last:  # a copy: the other paths keep the NCHW weights
+        import copy
+
+        module = copy.deepcopy(unet).to(memory_format=torch.channels_last)
     if path.compile:
         module = torch.compile(module, dynamic=False)
     den = TorchDenoiser(module, autocast_bf16=path.bf16)
