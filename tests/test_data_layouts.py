@@ -259,3 +259,17 @@ def test_npz_bad_shapes_and_object_arrays(tmp_path):
     np.savez(tmp_path / "none.npz", x=np.zeros(3))
     with pytest.raises(MedcfxError, match="no train_images"):
         load_layout(tmp_path / "none.npz", "npz")
+
+
+def test_plain_image_folder_is_unlabelled(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", _img(rng))
+    (tmp_path / "notes.txt").write_text("not an image")
+    lay = detect_layout(tmp_path)
+    assert lay.kind == "folder" and lay.problems == [] and len(lay.cases) == 3
+    assert all(math.isnan(c.labels["abnormal"]) for c in lay.cases)
+    from medcfx.data.preprocess import PreprocessConfig, prepare
+
+    ss = prepare(tmp_path, PreprocessConfig(size=8), cache_dir=tmp_path / "cache")
+    assert len(ss) == 3 and np.isnan(ss.labels).all()

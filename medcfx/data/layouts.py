@@ -17,6 +17,8 @@ Kinds (``LAYOUT_KINDS``):
     ``normal/`` and ``abnormal/`` image folders (either may be absent, not both) and an optional ``masks/``
     whose files carry the names of the ``abnormal/`` images (the suffix may differ). One label
     ``abnormal`` (0 normal, 1 abnormal). With ``masks/``, normal images count as "known lesion-free".
+    A plain folder of images (none of the other layouts' markers) is the same layout with every image
+    unlabelled: what unsupervised training (diffae, the mediffusion autoencoder) needs.
 ``csv``
     A ``labels.csv`` (the path of the csv, or a folder holding one): first column ``file`` (relative to the
     csv's folder); columns ``grade`` (integer, may be empty), ``split`` (train/val/test, may be empty),
@@ -205,6 +207,8 @@ def detect_kind(path: str | Path) -> str:
     npz = [p for p in entries if p.is_file() and suffix_of(p) == ".npz"]
     if len(npz) == 1:
         return "npz"
+    if any(p.is_file() and is_image_file(p) for p in entries):
+        return "folder"  # a plain folder of images: unlabelled (unsupervised training)
     raise MedcfxError(
         f"{path}: no known dataset layout found; expected BraTS case folders (<case>/<case>_t1.nii.gz ...), "
         "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net folder (dataset.json + imagesTr/) or a .npz"
@@ -327,7 +331,12 @@ def _scan_folder(path: Path) -> Layout:
     info: list[str] = []
     normal_dir, abnormal_dir, masks_dir = path / "normal", path / "abnormal", path / "masks"
     if not normal_dir.is_dir() and not abnormal_dir.is_dir():
-        raise MedcfxError(f"{path}: expected a normal/ and/or an abnormal/ folder")
+        plain = _image_files(path, problems)
+        if not plain:
+            raise MedcfxError(f"{path}: expected a normal/ and/or an abnormal/ folder, or image files")
+        cases = [Case(id=p.name, channels=[p], labels={"abnormal": math.nan}) for p in plain]
+        return Layout("folder", path, cases, ["image"], ["abnormal"], problems,
+                      [f"{len(cases)} unlabelled image(s) (a plain image folder)"], dims=2)
     normal = _image_files(normal_dir, problems) if normal_dir.is_dir() else []
     abnormal = _image_files(abnormal_dir, problems) if abnormal_dir.is_dir() else []
     for d, files in ((normal_dir, normal), (abnormal_dir, abnormal)):
