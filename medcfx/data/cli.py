@@ -159,3 +159,42 @@ def demo_cmd(
         opts["overwrite"] = True
     written = make_demo(kind, out, cases=cases, seed=seed, **opts)
     console.print(f"wrote {kind} demo data to {written}", highlight=False)
+
+
+@data_app.command("synth-anomalies")
+def synth_anomalies_cmd(
+    path: Path = typer.Argument(..., help="Dataset folder (healthy slices are used when labels say which)."),
+    out: Path = typer.Option(Path("anomalies.png"), "--out", "-o", help="PNG file to write."),
+    size: int = typer.Option(64, "--size", help="Slice size in pixels."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="MRI channels, comma-separated (default t1,t1ce,t2,flair)."),
+    rows: int = typer.Option(3, "--rows", help="Number of example images (>= 2)."),
+    channel: int = typer.Option(0, "--channel", help="Channel shown."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Write an example grid of the five synthetic anomaly tasks (medcfx.anomalies) as a PNG."""
+    import numpy as np
+
+    from medcfx.anomalies import example_grid
+    from medcfx.data.preprocess import PreprocessConfig, prepare
+
+    if rows < 2:
+        raise UsageError(f"--rows must be >= 2, got {rows}")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the grid is written as PNG; give a .png file name")
+    values = {"size": size}
+    if modalities is not None:
+        values["modalities"] = modalities
+    ss = prepare(path, PreprocessConfig.from_dict(values), progress=False)
+    if not 0 <= channel < len(ss.channels):
+        raise UsageError(f"--channel {channel}: the data has channels 0..{len(ss.channels) - 1} ({', '.join(ss.channels)})")
+    labels = ss.labels[:, 0] if ss.labels.shape[1] else np.full(len(ss), np.nan)
+    rows_ok = np.flatnonzero(labels == 0) if (labels == 0).any() else np.arange(len(ss))
+    if len(rows_ok) < 2:
+        raise MedcfxError(f"{path}: needs at least two (healthy) slices, found {len(rows_ok)}")
+    # the slices with the most foreground (of at most 500 spread over the dataset)
+    rows_ok = rows_ok[np.linspace(0, len(rows_ok) - 1, min(len(rows_ok), 500)).round().astype(int)]
+    area = np.array([(np.asarray(ss.images[r]) > -1).any(0).mean() for r in rows_ok])
+    big = rows_ok[area >= np.quantile(area, 0.5)]
+    pick = big[np.linspace(0, len(big) - 1, rows).round().astype(int)]
+    written = example_grid([np.asarray(ss.images[r]) for r in pick], out, seed=seed, channel=channel)
+    console.print(f"wrote {written} ({rows} images x 5 tasks)", highlight=False)

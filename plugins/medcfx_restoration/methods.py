@@ -1,0 +1,224 @@
+"""The restoration plugin's methods: ``restoration`` (the paper) and ``recon-ddpm`` (its plain baseline).
+
+``restoration``  image-conditioned DDPM trained on healthy slices to undo synthetic anomalies; explains an
+                 image by restoring it from noise conditioned on it and comparing (1 - SSIM) (Baugh et al. 2024).
+``recon-ddpm``   baseline: an unconditional DDPM on the same healthy slices; noise the input to a level and
+                 denoise it (reconstruction-based anomaly detection).
+
+Both write, per case: ``anomaly_map`` and ``restoration_<channel>`` (NIfTI on the input's grid for volumes,
+.npy for 2D images), ``panels/slice_NNN.png`` and ``provenance.json``. ``evaluate`` reports image AP / AUROC
+(score = mean of the map) and pixel AP / ideal Dice with the shared evaluation code.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medcfx.data.preprocess import PreprocessConfig
+from medcfx.errors import UsageError
+from medcfx.evaluation import evaluate_maps, select_rows, test_sets, write_report
+from medcfx.inputs import OutputDir, load_cases, write_map
+from medcfx.method import Method, Option
+from medcfx.provenance import record, write_json
+from medcfx.train import register_fit
+
+from .config import DEFAULTS
+from .infer import BASELINE, METHOD, Mapper, Params, load_members, split_refs
+from .train import train_model
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def _sampling_options(method: str) -> list[Option]:
+    opts = [
+        Option("steps", int, None, "DDPM steps on the respaced grid (default 50)"),
+        Option("map", str, None, "anomaly map: ssim (1 - SSIM, the paper) or residual (|x - restoration|)",
+               choices=("ssim", "residual")),
+        Option("batch_size", int, None, "slices per batch (default 16)"),
+        Option("bf16", bool, False, "run the network under bf16 autocast (faster on recent CPUs/GPUs)"),
+    ]
+    if method == BASELINE:
+        opts.append(Option("noise_level", float, None, "noise level as a fraction of the steps (default 0.5)"))
+    return opts
+
+
+EXPLAIN_EXTRA = [
+    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)"),
+    Option("display", str, None, "channel shown in the PNG panels (default: the first)"),
+]
+EVAL_EXTRA = [
+    Option("eval_size", int, None, "evaluation resolution (default: the model's input size, as in the paper)"),
+    Option("slice_stride", int, 1, "evaluate every k-th slice"),
+    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)"),
+]
+
+
+def _params(request) -> Params:
+    ex = request.config["explain"]
+    o = request.options
+
+    def pick(name):
+        return o.get(name) if o.get(name) is not None else ex[name]
+
+    return Params(steps=int(pick("steps")), map=str(pick("map")), noise_level=float(pick("noise_level")),
+                  bf16=bool(o.get("bf16"))).check()
+
+
+def _batch_size(request) -> int:
+    bs = int(request.options.get("batch_size") or request.config["explain"]["batch_size"])
+    if bs < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {bs}")
+    return bs
+
+
+def _display_channel(channels: list[str], wanted: str | None) -> int:
+    if wanted:
+        if wanted not in channels:
+            raise UsageError(f"--display {wanted}: the input's channels are {', '.join(channels)}")
+        return channels.index(wanted)
+    return 0
+
+
+def _mapper(request, method: str) -> tuple[Mapper, PreprocessConfig]:
+    members, pre = load_members(request.registry, split_refs(request.model, method), method, request.device)
+    return Mapper(members, _params(request), request.seed, method), PreprocessConfig.from_dict(pre)
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+class Trainer:
+    def __init__(self, method: str):
+        self.method = method
+
+    def train(self, request) -> dict:
+        out = train_model(request, conditional=self.method == METHOD)
+        result, run = out["result"], out["run"]
+        if run is None:  # a non-zero DDP rank: rank 0 registers
+            return {"printed": True}
+        cfg = request.config
+        config = {"network": out["net_cfg"], "diffusion": cfg["diffusion"], "preprocess": cfg["preprocess"],
+                  "explain": cfg["explain"], "loss": cfg["loss"], "train": cfg["train"]}
+        tags = []
+        if self.method == METHOD:
+            config.update(fold=out["fold"], train_tasks=list(out["train_tasks"]), val_tasks=list(out["val_tasks"]),
+                          no_task_prob=cfg["no_task_prob"], anomalies=cfg["anomalies"], foreign=cfg["foreign"])
+            tags = [f"fold{out['fold']}"]
+        best = min((v for _, v in result.val), default=None)
+        metrics = {"final_loss": result.final_loss, "best_val_loss": best, "weights": out["selected"],
+                   "train_slices": out["train_slices"], "val_slices": out["val_slices"]}
+        default = f"{self.method}-fold{out['fold']}" if self.method == METHOD else self.method
+        entry = register_fit(request, result, default, config=config, metrics=metrics, tags=tags)
+        return {"model": entry.ref, "run": str(run), "metrics": entry.metrics}
+
+
+class Sampler:
+    def __init__(self, method: str):
+        self.method = method
+
+    def explain(self, request) -> dict:
+        mapper, pre = _mapper(request, self.method)
+        bs = _batch_size(request)
+        cases = []
+        for path in request.inputs:  # every input is read and checked before any sampling starts
+            cases += [c.select(request.options.get("slice")) for c in load_cases(path, pre, mapper.channels)]
+        request.out.mkdir(parents=True, exist_ok=True)
+        summary = [self._explain_case(request, mapper, case, bs) for case in cases]
+        return {"method": self.method, "models": [m.ref for m in mapper.members], "out": str(request.out),
+                "cases": summary}
+
+    def _explain_case(self, request, mapper: Mapper, case, bs: int) -> dict:
+        from medcfx import viz
+
+        show = _display_channel(case.channels, request.options.get("display"))
+        x_all = torch.from_numpy(np.ascontiguousarray(case.images))
+        restored, maps = [], []
+        for i in range(0, len(x_all), bs):
+            r, m = mapper(x_all[i:i + bs].to(request.device), start=i)
+            restored.append(r.cpu())
+            maps.append(m.cpu())
+        rest = torch.cat(restored).numpy()
+        amap = torch.cat(maps).numpy()
+        label = "restoration" if self.method == METHOD else "reconstruction"
+        with OutputDir(request.out, case.id) as folder:
+            write_map(case, folder, "anomaly_map", amap)
+            for c, name in enumerate(case.channels):
+                write_map(case, folder, f"{label}_{name}", (rest[:, c] + 1) / 2)
+            (folder / "panels").mkdir()
+            vmax = float(np.percentile(amap, 99.5)) or 1.0
+            for j, k in enumerate(case.slice_index):
+                img = viz.to_uint8(case.images[j, show], -1, 1)
+                tiles = [img, viz.to_uint8(rest[j, show], -1, 1), viz.heat_rgb(amap[j], vmax=vmax),
+                         viz.overlay(img, viz.heat_rgb(amap[j], vmax=vmax))]
+                titles = ["input", label if len(mapper.members) == 1 else f"{label} (model 1)",
+                          f"1 - SSIM" if mapper.params.map == "ssim" else "|residual|", "overlay"]
+                if case.masks is not None:
+                    tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
+                    titles.append("mask")
+                viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
+            params = {"method": self.method, **mapper.params.__dict__, "batch_size": bs,
+                      "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
+                      **mapper.describe()}
+            entry = mapper.members[0].entry
+            write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
+                                                          slices=[int(k) for k in case.slice_index]))
+        means = amap.reshape(len(amap), -1).mean(1)
+        return {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
+                "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+                "folder": str(request.out / case.id)}
+
+
+class Scorer:
+    def __init__(self, method: str):
+        self.method = method
+
+    def evaluate(self, request) -> dict:
+        result = run_evaluation(request, self.method, request.options, request.data)
+        ctx = {"method": self.method, "model": request.model, "data": str(request.data), **result.pop("context")}
+        metrics = write_report(request.out, f"{self.method} on {Path(request.data).name}", result, ctx,
+                               request.console)
+        return {"printed": True, **metrics}
+
+
+def run_evaluation(request, method: str, options: dict, data: Path, keep_maps: int = 0) -> dict:
+    """Image AP / AUROC and pixel AP / ideal Dice of one model (or ensemble) on an annotated set."""
+    req = copy.copy(request)
+    req.options = {**request.options, **options}
+    mapper, pre = _mapper(req, method)
+    eval_size = options.get("eval_size") or request.config["explain"].get("eval_size") or pre.size
+    model_set, eval_set = test_sets(data, pre, int(eval_size), progress=False)
+    rows = select_rows(len(model_set), options.get("slice_stride") or 1, options.get("max_slices") or 0)
+    m = evaluate_maps(lambda x, b: mapper(x, start=int(b[0]))[1], model_set, eval_set, rows,
+                      batch_size=_batch_size(req), device=request.device, keep_maps=keep_maps)
+    m["context"] = {"eval_size": int(eval_size), "slice_stride": options.get("slice_stride") or 1,
+                    "max_slices": options.get("max_slices") or 0, **mapper.params.__dict__, **mapper.describe()}
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+
+def methods() -> list[Method]:
+    out = []
+    summaries = {
+        METHOD: "anomaly maps from an image-conditioned DDPM trained to restore synthetic anomalies (Baugh et al. 2024)",
+        BASELINE: "baseline: noise to a level and denoise with an unconditional DDPM trained on healthy slices",
+    }
+    for name, summary in summaries.items():
+        sampling = _sampling_options(name)
+        train_opts = [Option("fold", int, None, "cross-validation fold 0..9 (3 training, 2 validation tasks; default 0)")] \
+            if name == METHOD else []
+        defaults = DEFAULTS if name == METHOD else {
+            k: v for k, v in DEFAULTS.items() if k not in ("fold", "no_task_prob", "anomalies", "foreign")}
+        out.append(Method(
+            name=name, summary=summary, capabilities={"train", "explain", "evaluate"},
+            trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
+            conditioning=("image",) if name == METHOD else (), targets=("healthy",), defaults=defaults,
+            options={"train": train_opts, "explain": sampling + EXPLAIN_EXTRA,
+                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+        ))
+    return out
