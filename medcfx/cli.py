@@ -259,6 +259,8 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
         inputs = [Path(p) for p in paths]
         _check_inputs(inputs)
         kw["inputs"] = inputs
+    extra = kw.get("extra") or {}
+    m.require_backend(extra.get("backend", "torch"), bool(extra.get("bf16")))
     config = _resolve_config(m, command, config_file, sets)
     request = Request(command=command, method=m, options=options, config=config, model=model, out=out,
                       device=resolve_device(device), seed=seed, registry=registry or _registry(),

@@ -116,6 +116,8 @@ class Method:
     conditioning: tuple[str, ...] = ()  # e.g. ("label", "image", "semantic", "classifier")
     targets: tuple[str, ...] = ()  # e.g. ("healthy",) or ("no-cardiomegaly", "cardiomegaly", ...)
     options: dict[str, list[Option]] = field(default_factory=dict)  # per command
+    # network paths its samplers honour: "torch" always; "bf16" (--bf16 autocast), "onnx" (--backend onnx)
+    backends: tuple[str, ...] = ("torch",)
     defaults: dict = field(default_factory=dict)  # default config (train presets live under "presets")
     plugin: str = ""  # filled in by the plugin manager
 
@@ -136,6 +138,13 @@ class Method:
         if capability not in self.capabilities:
             can = ", ".join(sorted(self.capabilities)) or "nothing"
             raise UsageError(f"method '{self.name}' cannot {capability} (it can: {can})")
+
+    def require_backend(self, backend: str, bf16: bool) -> None:
+        """Refuse --backend / --bf16 that this method's samplers would not honour (before any work)."""
+        for path, asked in (("onnx", backend == "onnx"), ("bf16", bf16)):
+            if asked and path not in self.backends:
+                flag = "--backend onnx" if path == "onnx" else "--bf16"
+                raise UsageError(f"method '{self.name}' has no {flag} path (it runs: {', '.join(self.backends)})")
 
     def handler(self, capability: str) -> Callable[[Request], Any]:
         self.require(capability)
@@ -187,6 +196,7 @@ class Method:
             "input_channels": list(self.input_channels),
             "conditioning": list(self.conditioning),
             "targets": list(self.targets),
+            "backends": list(self.backends),
             "options": {
                 cmd: [
                     {"flag": o.flag, "type": o.type.__name__, "default": o.default, "help": o.help}

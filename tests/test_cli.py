@@ -3,7 +3,7 @@
 import json
 
 import medcfx
-from conftest import cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli
 
 
 def test_version_env_and_help(home):
@@ -41,3 +41,15 @@ def test_bundled_models_are_listed_and_verify(home):
     listing = {e["ref"]: e for e in json.loads(run_cli(["models", "list", "--json"], env=env, check=0).stdout)}
     assert listing["sanchez-demo:1"]["bundled"] is True and listing["sanchez-demo:1"]["method"] == "sanchez"
     run_cli(["models", "verify", "sanchez-demo"], env=env, check=0)
+
+
+def test_backend_flags_a_method_would_not_honour_are_refused_before_any_work(home, tmp_path):
+    env = cli_env(home)
+    methods = {m["name"]: m for m in json.loads(run_cli(["methods", "--json"], env=env, check=0).stdout)}
+    assert methods["sanchez"]["backends"] == ["torch", "bf16", "onnx"] and methods["diffae"]["backends"] == ["torch"]
+    out = tmp_path / "out"
+    for flags, says in ((["--backend", "onnx"], "no --backend onnx path"), (["--bf16"], "no --bf16 path")):
+        proc = run_cli(["explain", "models/demo-inputs/vertebra.png", "--model", "diffae-demo", "--out", out, *flags],
+                       env=env, cwd=ROOT)
+        assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1
+    assert not out.exists()  # refused before anything was written

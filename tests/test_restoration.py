@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from medcfx.anomalies import fold_tasks
-from medcfx.diffusion import Schedule
+from medcfx.diffusion import Schedule, TorchDenoiser
 from medcfx.errors import UsageError
 from medcfx.nn import UNet
 from medcfx.registry import Registry
@@ -185,7 +185,9 @@ def test_ddpm_restoration_is_conditioned_on_the_input_at_every_step():
             seen.append(int(t[0]))
             return super().forward(x, t, cond_image)
 
-    member = Member(entry=None, role="weights", ref="oracle", model=Spy(schedule), schedule=schedule, fold=None)
+    spy = Spy(schedule)
+    member = Member(entry=None, role="weights", ref="oracle", model=spy, schedule=schedule, fold=None,
+                    denoiser=TorchDenoiser(spy))
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     out = restore(member, x, Params(steps=10), torch.Generator().manual_seed(0), METHOD)
     # every x0 estimate is the input, so the ancestral chain ends exactly there (last step has no noise)
@@ -218,7 +220,8 @@ def test_baseline_noises_to_a_level_and_denoises_unconditionally():
             seen.append(int(t[0]))
             return super().forward(x, t, cond_image)
 
-    member = Member(None, "weights", "oracle", Spy(schedule, target), schedule, None)
+    spy = Spy(schedule, target)
+    member = Member(None, "weights", "oracle", spy, schedule, None, TorchDenoiser(spy))
     x = torch.zeros(2, 1, 16, 16)
     out = restore(member, x, Params(steps=10, noise_level=0.5), torch.Generator().manual_seed(0), "recon-ddpm")
     np.testing.assert_allclose(out.numpy(), target.numpy(), atol=1e-4)

@@ -123,3 +123,25 @@ def test_baseline_and_errors(setup):
     assert "fold" in bad.stderr
     for name in ("x1", "x2"):
         assert not (root / name / "demo_00000").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_onnx_and_bf16_backends_follow_the_torch_maps(setup):
+    """`medcfx export` gates the conditional UNet on parity; --backend onnx and --bf16 then reproduce the torch
+    map (same seed, same noise) to the export's tolerance and to bf16's, and provenance says which ran."""
+    env, root = setup["env"], setup["root"]
+    proc = run_cli(["export", "rst-a", "--format", "onnx"], env=env, cwd=root, check=0)
+    assert "counterfactual parity" in proc.stdout
+    maps = {}
+    for name, flags in (("torch", []), ("onnx", ["--backend", "onnx"]), ("bf16", ["--bf16"])):
+        explain(setup, f"be-{name}", "--model", "rst-a", "--slice", "12", "--map", "residual", *flags)
+        folder = root / f"be-{name}" / "demo_00000"
+        maps[name] = np.asarray(nib.load(str(folder / "anomaly_map.nii.gz")).dataobj)
+        params = json.loads((folder / "provenance.json").read_text())["params"]
+        assert params["backend"] == ("onnx" if name == "onnx" else "torch") and params["bf16"] == (name == "bf16")
+    np.testing.assert_allclose(maps["onnx"], maps["torch"], atol=1e-3)
+    assert np.abs(maps["bf16"] - maps["torch"]).max() > 0  # bf16 really ran (it rounds differently) ...
+    assert np.abs(maps["bf16"] - maps["torch"]).max() < 0.1  # ... and stays close
+    run_cli(["restoration-ensemble", "rst-a,rst-b", "--name", "ens-onnx"], env=env, cwd=root, check=0)
+    bad = explain(setup, "be-ens", "--model", "ens-onnx", "--backend", "onnx", check=2)
+    assert "is an ensemble entry" in bad.stderr and not (root / "be-ens" / "demo_00000").exists()

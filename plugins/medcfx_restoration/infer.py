@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medcfx.diffusion import Schedule, TorchDenoiser, decode, sample, static_clip
+from medcfx.diffusion import Schedule, decode, sample, static_clip
 from medcfx.errors import UsageError
 from medcfx.loading import load_state
 from medcfx.nn import UNet
@@ -47,6 +47,7 @@ class Member:
     model: UNet
     schedule: Schedule
     fold: int | None
+    denoiser: object  # the denoiser contract for the chosen backend (torch, bf16 autocast or onnxruntime)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class Params:
     steps: int = 50
     map: str = "ssim"
     noise_level: float = 0.5  # baseline only
-    bf16: bool = False
 
     def check(self) -> "Params":
         if self.steps < 1:
@@ -89,9 +89,13 @@ def _member_specs(registry, ref: str, method: str) -> list[tuple[object, str, di
     return [(entry, "weights", entry.config)]
 
 
-def load_members(registry, refs: list[str], method: str, device: str) -> tuple[list[Member], dict]:
+def load_members(registry, refs: list[str], method: str, device: str, request=None) -> tuple[list[Member], dict]:
     """Load every model (weights sha256-verified by the registry); returns (members, preprocess config).
-    All members must share one preprocessing (they see the same slices)."""
+    All members must share one preprocessing (they see the same slices). ``request`` chooses the backend
+    (``--backend``, ``--bf16``; default torch fp32); an ONNX backend needs a single exported model."""
+    from medcfx.diffusion import TorchDenoiser
+    from medcfx.export import denoiser_for
+
     members, pre = [], None
     for ref in refs:
         for entry, role, spec in _member_specs(registry, ref, method):
@@ -104,8 +108,16 @@ def load_members(registry, refs: list[str], method: str, device: str) -> tuple[l
             model = UNet.from_config(spec["network"])
             load_state(model, registry.load_tensors(entry, role), f"{entry.ref} ({role})")
             d = spec["diffusion"]
-            members.append(Member(entry, role, spec.get("ref", entry.ref), model.to(device).eval(),
-                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold")))
+            model = model.to(device).eval()
+            if request is None:
+                den = TorchDenoiser(model)
+            elif entry.config.get("ensemble") and request.extra.get("backend") == "onnx":
+                raise UsageError(f"--backend onnx: {entry.ref} is an ensemble entry; export its members and give "
+                                 f"them as --model a,b")
+            else:
+                den = denoiser_for(request, entry, model)
+            members.append(Member(entry, role, spec.get("ref", entry.ref), model,
+                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold"), den))
     conditional = {m.model.config.cond_image_channels > 0 for m in members}
     if conditional != {method == METHOD}:
         raise UsageError(f"the models given are not {method} models (image conditioning mismatch)")
@@ -114,7 +126,7 @@ def load_members(registry, refs: list[str], method: str, device: str) -> tuple[l
 
 def restore(member: Member, x: torch.Tensor, params: Params, gen: torch.Generator, method: str) -> torch.Tensor:
     """The restoration (or the baseline's reconstruction) of a batch x [B, C, S, S] in [-1, 1]."""
-    den = TorchDenoiser(member.model, autocast_bf16=params.bf16)
+    den = member.denoiser
     grid = member.schedule.respace(f"ddim{params.steps}")
     if method == METHOD:
         out = sample(den, tuple(x.shape), grid, cond={"cond_image": x}, x0_process=static_clip, ddpm=True,

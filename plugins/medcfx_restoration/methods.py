@@ -39,7 +39,6 @@ def _sampling_options(method: str) -> list[Option]:
         Option("map", str, None, "anomaly map: ssim (1 - SSIM, the paper) or residual (|x - restoration|)",
                choices=("ssim", "residual")),
         Option("batch_size", int, None, "slices per batch (default 16)"),
-        Option("bf16", bool, False, "run the network under bf16 autocast (faster on recent CPUs/GPUs)"),
     ]
     if method == BASELINE:
         opts.append(Option("noise_level", float, None, "noise level as a fraction of the steps (default 0.5)"))
@@ -64,8 +63,7 @@ def _params(request) -> Params:
     def pick(name):
         return o.get(name) if o.get(name) is not None else ex[name]
 
-    return Params(steps=int(pick("steps")), map=str(pick("map")), noise_level=float(pick("noise_level")),
-                  bf16=bool(o.get("bf16"))).check()
+    return Params(steps=int(pick("steps")), map=str(pick("map")), noise_level=float(pick("noise_level"))).check()
 
 
 def _batch_size(request) -> int:
@@ -84,7 +82,8 @@ def _display_channel(channels: list[str], wanted: str | None) -> int:
 
 
 def _mapper(request, method: str) -> tuple[Mapper, PreprocessConfig]:
-    members, pre = load_members(request.registry, split_refs(request.model, method), method, request.device)
+    members, pre = load_members(request.registry, split_refs(request.model, method), method, request.device,
+                                request)
     return Mapper(members, _params(request), request.seed, method), PreprocessConfig.from_dict(pre)
 
 
@@ -161,6 +160,7 @@ class Sampler:
                     titles.append("mask")
                 viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
             params = {"method": self.method, **mapper.params.__dict__, "batch_size": bs,
+                      "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
                       **mapper.describe()}
             entry = mapper.members[0].entry
@@ -218,6 +218,7 @@ def methods() -> list[Method]:
             name=name, summary=summary, capabilities={"train", "explain", "evaluate"},
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("image",) if name == METHOD else (), targets=("healthy",), defaults=defaults,
+            backends=("torch", "bf16", "onnx"),
             options={"train": train_opts, "explain": sampling + EXPLAIN_EXTRA,
                      "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
         ))

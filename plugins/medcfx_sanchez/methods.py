@@ -312,7 +312,7 @@ def methods() -> list[Method]:
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("label", "classifier-free") if name == "sanchez" else
             (("classifier",) if name == "cdpm-classifier" else ()),
-            targets=("healthy",), defaults=_defaults(name),
+            targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"),
             options={"explain": sampling + EXPLAIN_EXTRA, "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
         ))
     out.append(Method(

@@ -55,6 +55,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         m = get_plugins().method(method)
         if method not in ("sanchez", "cdpm-classifier", "cdpm-healthy"):
             raise UsageError(f"sweep applies to sanchez, cdpm-classifier and cdpm-healthy, not {method!r}")
+        m.require_backend(_backend(backend), bf16)
         if not data.exists():
             raise UsageError(f"--data {data}: no such file or folder")
         ws, ls = _floats(guidance, "--guidance"), _floats(noise_level, "--noise-level")
