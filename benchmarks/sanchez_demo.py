@@ -47,12 +47,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="training steps of every model (demo preset: 2000)")
     ap.add_argument("--max-slices", type=int, default=96, help="test slices evaluated (spread evenly)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse", action="store_true", help="use models already registered under the bench names")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use models already registered under the bench names and evaluations already in --out")
     ap.add_argument("--only-eval", action="store_true")
     ap.add_argument("--attn-model", default=None,
                     help="use this registered sanchez model (e.g. sanchez-demo, same preset and seed) for the attention rows")
     ap.add_argument("--out", type=Path, default=Path("bench-sanchez"))
+    ap.add_argument("--rows", default="", help="evaluate only these rows (comma-separated indices; docs are not written)")
     args = ap.parse_args()
+    args.rows = [int(r) for r in args.rows.split(",") if r]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "log.txt"
     s = args.seed
@@ -67,7 +70,7 @@ def main() -> None:
     if args.attn_model:
         specs.pop(f"bench-sanchez-attn-s{s}")
     for name, (method, extra) in specs.items():
-        if args.reuse and name in have:
+        if (args.reuse and name in have) or args.rows:  # a partial evaluation trains nothing
             continue
         if args.only_eval:
             sys.exit(f"--only-eval: {name} is not registered")
@@ -92,11 +95,16 @@ def main() -> None:
     results = []
     for i, (table, label, method, model, extra, trained_on) in enumerate(rows):
         out = args.out / f"eval-{i}"
+        if args.rows and i not in args.rows:
+            continue
         cmd = ["evaluate", method, *(["--model", have[model]] if model else []), *common, "--out", out, *extra]
-        sh(MEDCFX + cmd, log)
+        if not (args.reuse and (out / "metrics.json").exists()):
+            sh(MEDCFX + cmd, log)
         m = json.loads((out / "metrics.json").read_text())["metrics"]
         results.append({"table": table, "label": label, "trained_on": trained_on, "metrics": m,
                         "command": "medcfx " + " ".join(map(str, cmd))})
+    if args.rows:
+        return
     (args.out / "results.json").write_text(json.dumps({"rows": results, "train_seconds": train_seconds}, indent=1))
     write_docs(args, results, train_seconds)
 

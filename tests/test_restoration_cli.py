@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from medcfx.registry import Registry
 
-from conftest import cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli
 
 TINY = ["--preset", "demo", "--set", "preprocess.size=16", "--set", "network.model_channels=8",
         "--set", "network.num_head_channels=8", "--set", "network.attention_resolutions=[4]",
@@ -145,3 +145,27 @@ def test_onnx_and_bf16_backends_follow_the_torch_maps(setup):
     run_cli(["restoration-ensemble", "rst-a,rst-b", "--name", "ens-onnx"], env=env, cwd=root, check=0)
     bad = explain(setup, "be-ens", "--model", "ens-onnx", "--backend", "onnx", check=2)
     assert "is an ensemble entry" in bad.stderr and not (root / "be-ens" / "demo_00000").exists()
+
+
+def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tmp_path, home):
+    """The bundled restoration-demo (models/, registry.yaml) on the bundled tumour case and a tumour-free brain."""
+    from medcfx.data.demo import make_demo
+
+    env = cli_env(home)
+    sick = ROOT / "models" / "demo-inputs" / "brain" / "demo_case"
+    run_cli(["explain", sick, "--model", "restoration-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env,
+            check=0)
+    s = nib.load(str(tmp_path / "o" / "demo_case" / "anomaly_map.nii.gz")).get_fdata()
+    seg = nib.load(str(sick / "demo_case_seg.nii.gz")).get_fdata() > 0
+    assert float(s[seg].mean()) > 3 * float(s[~seg & (s > 0)].mean())  # the map concentrates on the lesion
+    healthy = make_demo("brain", tmp_path / "h", cases=1, seed=11, shape=(120, 120, 78), tumour_free_fraction=1.0)
+    case = next(p for p in healthy.iterdir() if p.is_dir())
+    for f in case.iterdir():  # six central slices keep the test short
+        nib.save(nib.load(str(f)).slicer[:, :, 36:42], str(f))
+    run_cli(["explain", case, "--model", "restoration-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env,
+            check=0)
+    h = nib.load(str(tmp_path / "o" / case.name / "anomaly_map.nii.gz")).get_fdata()
+    brain = nib.load(str(case / f"{case.name}_t2.nii.gz")).get_fdata() > 0
+    lesion = float(s[seg].mean())
+    assert float(h[brain].mean()) < lesion / 3  # a healthy brain scores far below a tumour ...
+    assert float(np.percentile(h[brain], 95)) < lesion  # ... and almost nowhere reaches a tumour's mean
