@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--quick", action="store_true", help="10 steps instead of 100 (smoke test of the script)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated substrings of path names to skip (e.g. compile); NAME@B skips it at batch B only")
+                    help="';'-separated substrings of path names to skip (e.g. compile); NAME@B skips it at batch B only")
     ap.add_argument("--demo-model", default=None)
     ap.add_argument("--test", type=Path, default=None)
     ap.add_argument("--max-slices", type=int, default=96)
@@ -76,7 +76,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     export_unet(unet, tmp / "paper.onnx")
     onnx = OnnxDenoiser(tmp / "paper.onnx")
-    skip = [tuple(s.split("@")) if "@" in s else (s, None) for s in args.skip.split(",") if s]
+    skip = [tuple(s.split("@")) if "@" in s else (s, None) for s in args.skip.split(";") if s]
     paths = [SamplingPath("reference (2 passes, fp32, NCHW)", batched_cfg=False),
              SamplingPath("batched cfg, fp32"),
              SamplingPath("batched cfg, channels_last", channels_last=True),
@@ -114,14 +114,15 @@ def demo_dice(args) -> list[dict]:
     """Ideal Dice of the demo model at 100, 50 and 25 steps (evaluations kept in --work and reused: accuracy
     does not depend on machine load, so they may run before the quiet timing run)."""
     out = []
-    for steps in (100, 50, 25):
-        d = args.work / f"dice-{steps}"
+    for steps, bf16 in ((100, False), (100, True), (50, True), (25, True)):
+        d = args.work / f"dice-{steps}{'-bf16' if bf16 else ''}"
         cmd = [sys.executable, "-m", "medcfx", "evaluate", "sanchez", "--model", args.demo_model, "--data",
-               str(args.test), "--max-slices", str(args.max_slices), "--steps", str(steps), "--out", str(d)]
+               str(args.test), "--max-slices", str(args.max_slices), "--steps", str(steps),
+               *(["--bf16"] if bf16 else []), "--out", str(d)]
         if not (d / "metrics.json").exists():
             subprocess.run(cmd, check=True, capture_output=True)
         m = json.loads((d / "metrics.json").read_text())["metrics"]
-        out.append({"steps": steps, "ideal_Dice": m["pixel_ideal_Dice"], "AUPRC": m["pixel_AUPRC"],
+        out.append({"steps": steps, "bf16": bf16, "ideal_Dice": m["pixel_ideal_Dice"], "AUPRC": m["pixel_AUPRC"],
                     "command": " ".join(cmd[2:-2])})
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -163,8 +164,9 @@ def write_docs(rows, dice, rss, gflop, steps, args) -> None:
     dl = ""
     if dice:
         dl = ("\nReduced-step decodes with the trained demo model on the demo test set (`medcfx evaluate`):\n\n"
-              "| steps | ideal Dice | AUPRC | command |\n|---|---|---|---|\n"
-              + "".join(f"| {d['steps']} | {d['ideal_Dice']:.4f} | {d['AUPRC']:.4f} | `{d['command']}` |\n"
+              "| steps | precision | ideal Dice | AUPRC | command |\n|---|---|---|---|---|\n"
+              + "".join(f"| {d['steps']} | {'bf16' if d['bf16'] else 'fp32'} | {d['ideal_Dice']:.4f} | "
+                        f"{d['AUPRC']:.4f} | `{d['command']}` |\n"
                         for d in dice))
     rl = ""
     if rss:

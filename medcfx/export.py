@@ -103,15 +103,21 @@ def export_unet(unet, path: Path, opset: int = 17, dynamic_batch: bool = True) -
     """Write ``unet`` as ONNX at ``path`` (legacy TorchScript exporter: fast and robust for this graph)."""
     from medcfx.nn.unet import UNetForExport
 
-    unet = unet.eval()
     names, example = unet.onnx_inputs(1)
     axes = {n: {0: "batch"} for n in [*names, "eps"]} if dynamic_batch else None
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter about shape-dependent Python values in GroupNorm
-        torch.onnx.export(UNetForExport(unet), example, str(path), input_names=names, output_names=["eps"],
-                          opset_version=opset, dynamic_axes=axes, dynamo=False)
+    # torch.onnx.export puts the module it is given back into that module's own mode afterwards, recursively:
+    # the wrapper must be in eval mode too, or the UNet comes back in train mode (dropout on)
+    was_training = unet.training
+    wrapper = UNetForExport(unet).eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about shape-dependent Python values in GroupNorm
+            torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=["eps"],
+                              opset_version=opset, dynamic_axes=axes, dynamo=False)
+    finally:
+        unet.train(was_training)
     return names
 
 

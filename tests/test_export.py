@@ -49,6 +49,19 @@ def test_export_attaches_verified_onnx_with_parity_figures(home):
     np.testing.assert_allclose(den(x, t, {"y": y}).numpy(), unet.eval()(x, t, y).detach().numpy(), atol=1e-4)
 
 
+def test_export_of_a_network_with_dropout_leaves_it_in_eval_mode_and_passes_the_gate(home, tmp_path):
+    """torch.onnx.export restores the mode of the module it is handed; a train-mode wrapper used to switch the
+    UNet's dropout back on, so the torch side of every later comparison (and of the caller) was random."""
+    from medcfx.export import export_unet
+
+    unet = UNet({**NET, "dropout": 0.3}).eval()
+    export_unet(unet, tmp_path / "m.onnx")
+    assert not any(m.training for m in unet.modules())
+    reg, entry, _ = _register(home, name="dropout", net={**NET, "dropout": 0.3})
+    out = export_model(reg, entry.ref, log=lambda *_: None)
+    assert out.extra["export"]["parity"]["per_call_max_abs"] < 1e-4
+
+
 def test_gate_refuses_a_disagreeing_export_and_attaches_nothing(home):
     reg, entry, _ = _register(home)
     with pytest.raises(MedcfxError, match="export refused"):
