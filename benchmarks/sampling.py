@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -172,7 +173,7 @@ def write_docs(rows, dice, rss, gflop, steps, args) -> None:
     if rss:
         rl = ("\nPeak RSS of `medcfx explain` at batch 8 (demo model): "
               + ", ".join(f"{r['slices']} slices: {r['peak_rss_mb']} MB" for r in rss) + ".\n")
-    cmd = "python benchmarks/sampling.py " + " ".join(a for a in sys.argv[1:])
+    cmd = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = f"""<!-- sampling:start -->
 ## Counterfactual sampling speed (issue: ONNX export and fast sampling)
 
