@@ -10,7 +10,8 @@ w = 3, dynamic normalisation (99%). Paths:
 - reference: the authors' sampling loop: two separate forward passes per guided step, fp32 eager, NCHW;
 - batched: both CFG branches in one forward of 2B (medcfx's default);
 - + channels_last; + bf16 autocast; + torch.compile (when it compiles here); onnxruntime (CPU provider);
-- reduced steps: 50 and 25 respaced steps (L = 75% of them) with bf16.
+- reduced steps: 50 and 25 respaced steps (L = 75% of them) with bf16, and with DPM-Solver++(2M) (same
+  number of network calls per step as DDIM) through onnxruntime and bf16.
 
 Reported per path and batch size: seconds per slice, achieved GFLOP/s, max |heatmap - reference heatmap|.
 With --demo-model/--test, the ideal Dice of the reduced-step decodes is measured on the demo test set with
@@ -87,7 +88,12 @@ def main() -> None:
              SamplingPath("onnxruntime cpu, fp32", onnx=onnx),
              SamplingPath("onnxruntime cpu, 2 passes", onnx=onnx, batched_cfg=False),
              SamplingPath(f"bf16, {steps // 2} steps", bf16=True, steps=steps // 2),
-             SamplingPath(f"bf16, {steps // 4} steps", bf16=True, steps=steps // 4)]
+             SamplingPath(f"bf16, {steps // 4} steps", bf16=True, steps=steps // 4),
+             SamplingPath(f"onnxruntime cpu, dpm++2m {steps // 2} steps", onnx=onnx, steps=steps // 2,
+                          solver="dpm++2m"),
+             SamplingPath(f"onnxruntime cpu, dpm++2m {steps // 4} steps", onnx=onnx, steps=steps // 4,
+                          solver="dpm++2m"),
+             SamplingPath(f"bf16, dpm++2m {steps // 4} steps", bf16=True, steps=steps // 4, solver="dpm++2m")]
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         x = example_batch(unet, batch)
@@ -111,19 +117,25 @@ def main() -> None:
     write_docs(rows, dice, rss, gflop, steps, args)
 
 
+DICE_RUNS = [(100, False, "ddim"), (100, True, "ddim"), (50, False, "ddim"), (50, True, "ddim"), (25, True, "ddim"),
+             (50, False, "dpm++2m"), (25, False, "dpm++2m"), (25, True, "dpm++2m")]
+
+
 def demo_dice(args) -> list[dict]:
-    """Ideal Dice of the demo model at 100, 50 and 25 steps (evaluations kept in --work and reused: accuracy
-    does not depend on machine load, so they may run before the quiet timing run)."""
+    """Ideal Dice of the demo model at 100, 50 and 25 steps, DDIM and DPM-Solver++(2M) (evaluations kept in
+    --work and reused: accuracy does not depend on machine load, so they may run before the quiet timing run;
+    the onnx backend agrees with torch fp32 to 3e-4 in the heatmap, so fp32 rows stand for both)."""
     out = []
-    for steps, bf16 in ((100, False), (100, True), (50, True), (25, True)):
-        d = args.work / f"dice-{steps}{'-bf16' if bf16 else ''}"
+    for steps, bf16, solver in DICE_RUNS:
+        d = args.work / f"dice-{steps}{'-bf16' if bf16 else ''}{'' if solver == 'ddim' else '-' + solver}"
         cmd = [sys.executable, "-m", "medcfx", "evaluate", "sanchez", "--model", args.demo_model, "--data",
                str(args.test), "--max-slices", str(args.max_slices), "--steps", str(steps),
-               *(["--bf16"] if bf16 else []), "--out", str(d)]
+               *(["--bf16"] if bf16 else []), *(["--solver", solver] if solver != "ddim" else []), "--out", str(d)]
         if not (d / "metrics.json").exists():
             subprocess.run(cmd, check=True, capture_output=True)
         m = json.loads((d / "metrics.json").read_text())["metrics"]
-        out.append({"steps": steps, "bf16": bf16, "ideal_Dice": m["pixel_ideal_Dice"], "AUPRC": m["pixel_AUPRC"],
+        out.append({"steps": steps, "bf16": bf16, "solver": solver, "ideal_Dice": m["pixel_ideal_Dice"],
+                    "AUPRC": m["pixel_AUPRC"],
                     "command": " ".join(cmd[2:-2])})
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -165,8 +177,9 @@ def write_docs(rows, dice, rss, gflop, steps, args) -> None:
     dl = ""
     if dice:
         dl = ("\nReduced-step decodes with the trained demo model on the demo test set (`medcfx evaluate`):\n\n"
-              "| steps | precision | ideal Dice | AUPRC | command |\n|---|---|---|---|---|\n"
-              + "".join(f"| {d['steps']} | {'bf16' if d['bf16'] else 'fp32'} | {d['ideal_Dice']:.4f} | "
+              "| steps | solver | precision | ideal Dice | AUPRC | command |\n|---|---|---|---|---|---|\n"
+              + "".join(f"| {d['steps']} | {d['solver']} | {'bf16' if d['bf16'] else 'fp32'} | "
+                        f"{d['ideal_Dice']:.4f} | "
                         f"{d['AUPRC']:.4f} | `{d['command']}` |\n"
                         for d in dice))
     rl = ""

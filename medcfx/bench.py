@@ -26,6 +26,7 @@ class SamplingPath:
     compile: bool = False
     onnx: object = None  # an OnnxDenoiser
     steps: int | None = None  # None: the entry's / default steps
+    solver: str = "ddim"  # or "dpm++2m" (same number of network calls per step)
 
 
 def _two_pass_cfg(den, w: float, null: int):
@@ -69,12 +70,13 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
     b = x.shape[0]
     if unet.config.num_classes:
         null = unet.null_label
-        x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null)}, x0_process=proc)
+        x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null)}, x0_process=proc, solver=path.solver)
         guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
-        x_cf = decode(guided, x_l, grid, L, cond={"y": torch.zeros(b, dtype=torch.long)}, x0_process=proc)
+        x_cf = decode(guided, x_l, grid, L, cond={"y": torch.zeros(b, dtype=torch.long)}, x0_process=proc,
+                      solver=path.solver)
     else:
-        x_l = encode(den, x, grid, L, x0_process=proc)
-        x_cf = decode(den, x_l, grid, L, x0_process=proc)
+        x_l = encode(den, x, grid, L, x0_process=proc, solver=path.solver)
+        x_cf = decode(den, x_l, grid, L, x0_process=proc, solver=path.solver)
     return (x - x_cf).abs().mean(1)
 
 

@@ -98,6 +98,33 @@ def test_healthy_guidance_moves_the_decode_towards_the_healthy_class():
     assert float((same - x).abs().max()) < float((cf - x).abs().max())
 
 
+def test_solver_choice_reaches_both_loops():
+    """With solver="dpm++2m" the counterfactual is exactly the DPM-Solver++(2M) encode + guided decode (and
+    differs from DDIM's), with the paper's null-label encode and healthy-label decode."""
+    from medcfx.diffusion import classifier_free, decode, encode
+
+    sched = Schedule.create("linear", 1000)
+    w = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def den(x_t, t, cond):  # depends on x, t and the label, smooth in all three
+        return 0.3 * x_t + w * (cond["y"].float() - 1).reshape(-1, 1, 1, 1) * (t.float() / 1000).reshape(-1, 1, 1, 1)
+
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(4)) - 0.5
+    p = CFParams(guidance=2.0, noise_level=0.6, steps=20, dn_percentile=0, solver="dpm++2m")
+    got = counterfactual(den, x, sched, p, null_label=2)
+    grid = sched.respace("ddim20")
+    from medcfx_sanchez.counterfactual import x0_process
+
+    proc = x0_process(0)
+    x_l = encode(den, x, grid, 12, cond={"y": torch.full((2,), 2)}, x0_process=proc, solver="dpm++2m")
+    want = decode(classifier_free(den, 2.0, 2), x_l, grid, 12, cond={"y": torch.zeros(2, dtype=torch.long)},
+                  x0_process=proc, solver="dpm++2m")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ddim = counterfactual(den, x, sched, CFParams(guidance=2.0, noise_level=0.6, steps=20, dn_percentile=0),
+                          null_label=2)
+    assert float((ddim - got).abs().max()) > 1e-4
+
+
 def test_cfg_label_dropout_rate_and_case_split():
     y = torch.zeros(20000, dtype=torch.long)
     u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
@@ -109,7 +136,7 @@ def test_cfg_label_dropout_rate_and_case_split():
 
 
 @pytest.mark.parametrize("bad", [dict(noise_level=0), dict(noise_level=1.5), dict(steps=0), dict(dn_percentile=0.2),
-                                 dict(guidance=-1)])
+                                 dict(guidance=-1), dict(solver="heun")])
 def test_bad_sampling_parameters_are_refused(bad):
     from medcfx.errors import UsageError
 
@@ -163,12 +190,15 @@ def test_explain_a_case_folder_writes_aligned_volumes_panels_and_provenance(trai
     entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
     assert prov["model_sha256"] == entry["digest"] and prov["params"]["guidance"] == 3.0
     assert prov["params"]["noise_level"] == 0.75 and prov["params"]["steps"] == 4
+    assert prov["params"]["solver"] == "ddim"
     assert {Path(i["path"]).name for i in prov["inputs"]} >= {"demo_00001_flair.nii.gz", "demo_00001_seg.nii.gz"}
     # --slice explains one slice only, and options after the input path are understood
     k = int(prov["slices"][len(prov["slices"]) // 2])
-    res = run_cli(["explain", case, "--model", out["model"], "--out", tmp_path / "one", "--slice", k, "--guidance", "1.5"],
-                  env=env, check=0)
+    res = run_cli(["explain", case, "--model", out["model"], "--out", tmp_path / "one", "--slice", k, "--guidance", "1.5",
+                   "--solver", "dpm++2m"], env=env, check=0)
     one = json.loads(res.stdout)["cases"][0]
+    prov_one = json.loads((tmp_path / "one" / "demo_00001" / "provenance.json").read_text())
+    assert prov_one["params"]["solver"] == "dpm++2m" and prov_one["params"]["guidance"] == 1.5
     assert one["slices"] == 1 and one["most_anomalous_slice"] == k
     assert [p.name for p in (tmp_path / "one" / "demo_00001" / "panels").iterdir()] == [f"slice_{k:03d}.png"]
 
@@ -226,6 +256,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, brain, tmp_pa
     assert proc.returncode == 1 and "unknown model 'nosuch'" in proc.stderr
     proc = run_cli(["explain", brain / "demo_00000", "--model", out["model"], "--slice", "999", "--out", tmp_path / "x"], env=env)
     assert proc.returncode == 2 and "--slice 999" in proc.stderr
+    proc = run_cli(["explain", brain / "demo_00000", "--model", out["model"], "--solver", "heun", "--out", tmp_path / "y"],
+                   env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "heun" in proc.stderr, proc.stderr
+    assert not (tmp_path / "y").exists()
 
 
 def test_tampered_weights_are_refused(trained, brain, tmp_path):

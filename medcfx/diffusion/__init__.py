@@ -6,12 +6,14 @@ directions).
 """
 
 from medcfx.diffusion.ddim import (
+    SOLVERS,
     Denoiser,
     X0Process,
     ddim_inverse_step,
     ddim_step,
     ddpm_step,
     decode,
+    dpmpp2m_step,
     encode,
     eps_from_x0,
     predict_eps,
@@ -27,6 +29,7 @@ __all__ = [
     "BETA_KINDS",
     "Denoiser",
     "Respaced",
+    "SOLVERS",
     "Schedule",
     "TorchDenoiser",
     "X0Process",
@@ -36,6 +39,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "decode",
+    "dpmpp2m_step",
     "dynamic_normalise",
     "dynamic_threshold_values",
     "encode",

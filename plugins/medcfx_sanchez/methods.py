@@ -29,7 +29,7 @@ from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
 
-from .counterfactual import HEALTHY, CFParams, counterfactual, heatmap
+from .counterfactual import HEALTHY, SOLVERS, CFParams, counterfactual, heatmap
 from .networks import DEFAULTS, NoisyClassifier
 from .train import saved_config, train_classifier, train_diffusion
 
@@ -45,6 +45,8 @@ def _sampling_options(method: str) -> list[Option]:
         Option("noise_level", float, None, "encoding depth L as a fraction of the respaced steps (default 0.75)"),
         Option("steps", int, None, "respaced DDIM steps (default 100)"),
         Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)"),
+        Option("solver", str, None, "encode/decode solver: ddim (the paper) or dpm++2m (second order; for "
+                                    "fewer --steps)", choices=SOLVERS),
         Option("batch_size", int, None, "slices per batch (default 8)"),
     ]
 
@@ -76,7 +78,8 @@ def _params(request, method: str, entry=None) -> CFParams:
 
     return CFParams(guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
                     noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100)),
-                    dn_percentile=float(pick("dn_percentile", 0.99))).check()
+                    dn_percentile=float(pick("dn_percentile", 0.99)),
+                    solver=str(pick("solver", "ddim"))).check()
 
 
 # ---------------------------------------------------------------------------------------------- mappers

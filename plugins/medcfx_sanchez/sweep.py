@@ -31,6 +31,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         noise_level: str = typer.Option("0.5,0.75,1.0", "--noise-level", help="Comma-separated noise levels."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDIM steps (default 100)."),
         dn_percentile: Optional[float] = typer.Option(None, "--dn-percentile"),
+        solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default) or dpm++2m."),
         max_slices: int = typer.Option(32, "--max-slices", help="Validation slices per setting (0: all)."),
         slice_stride: int = typer.Option(1, "--slice-stride"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -68,7 +69,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         for w in ws:
             for level in ls:
                 opts = {"guidance": w, "noise_level": level, "steps": steps, "dn_percentile": dn_percentile,
-                        "max_slices": max_slices, "slice_stride": slice_stride, "batch_size": batch_size}
+                        "solver": solver, "max_slices": max_slices, "slice_stride": slice_stride, "batch_size": batch_size}
                 r = run_evaluation(request, method, entry, opts, data)
                 rows.append({"guidance": w, "noise_level": level, "pixel_ideal_Dice": r["pixel_ideal_Dice"],
                              "pixel_AUPRC": r["pixel_AUPRC"], "slices": r["slices"]})
