@@ -76,7 +76,7 @@ class OnnxDenoiser:
         if missing:
             raise UsageError(f"the ONNX model needs inputs {missing} that the sampler did not give")
         if self.cuda and x.is_cuda:
-            return self._run_cuda(values, x)
+            return self._run_bound(values, x, "cuda")
         feed = {}
         for n in self.names:
             v = values[n].detach()
@@ -84,17 +84,19 @@ class OnnxDenoiser:
         (eps,) = self.session.run(["eps"], feed)
         return torch.from_numpy(eps).to(x.device, x.dtype)
 
-    def _run_cuda(self, values, x):  # pragma: no cover - needs onnxruntime-gpu and a GPU
+    def _run_bound(self, values, x, device_type: str):
+        """IO binding: onnxruntime reads the inputs from and writes eps into torch's own memory (no copies).
+        Used with "cuda" (tensors stay on the GPU); the tests run the same code with "cpu" tensors."""
         binding = self.session.io_binding()
         keep = []
         for n in self.names:
             v = values[n].detach().contiguous()
             v = v.to(torch.int64) if n in ("t", "y") else v.to(torch.float32)
             keep.append(v)
-            binding.bind_input(n, "cuda", v.device.index or 0, np.int64 if n in ("t", "y") else np.float32,
+            binding.bind_input(n, device_type, v.device.index or 0, np.int64 if n in ("t", "y") else np.float32,
                                tuple(v.shape), v.data_ptr())
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        binding.bind_output("eps", "cuda", out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
+        binding.bind_output("eps", device_type, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out.to(x.dtype)
 

@@ -133,3 +133,26 @@ def test_bench_paths_agree_with_the_reference_loop(home):
     out = run_cli(["bench", entry.ref, "--backend", "reference,torch", "--batch", "2", "--steps", "4"],
                   env=cli_env(home), check=0).stdout
     assert "reference (two passes, fp32)" in out and "torch (batched cfg, fp32)" in out
+
+
+def test_io_binding_path_gives_the_same_eps_as_the_feed_path(tmp_path):
+    """The IO-binding code that serves CUDA tensors, run with CPU tensors through a real session: the same
+    names, dtypes (t and y int64), shapes and memory as the GPU path, only the device string differs."""
+    from medcfx.export import export_unet
+
+    torch.manual_seed(1)
+    unet = UNet(NET).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    export_unet(unet, tmp_path / "u.onnx")
+    den = OnnxDenoiser(tmp_path / "u.onnx")
+    x = torch.randn(3, 4, 16, 16)
+    t = torch.tensor([0, 40, 99])  # int64 as the samplers pass it
+    y = torch.tensor([0, 1, 2])
+    fed = den(x, t, {"y": y})
+    bound = den._run_bound({"x": x, "t": t.to(torch.int32), "y": y}, x, "cpu")  # int32 t is cast, not misread
+    assert bound.shape == x.shape and bound.dtype == x.dtype
+    torch.testing.assert_close(bound, fed, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(bound, unet(x, t, y=y), rtol=0, atol=1e-4)
