@@ -100,6 +100,15 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
     return head + "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
 
 
+def report(request, method: str, model: str, result: dict) -> dict:
+    """The end of every ``Scorer.evaluate``: ``result`` (metrics plus a "context" dict of settings) printed
+    and written to ``request.out``, titled "<method> on <data folder>"; returns the command's output dict."""
+    result = dict(result)
+    ctx = {"method": method, "model": model, "data": str(request.data), **result.pop("context", {})}
+    metrics = write_report(request.out, f"{method} on {Path(request.data).name}", result, ctx, request.console)
+    return {"printed": True, **metrics}
+
+
 def write_report(out: Path, title: str, metrics: dict, context: dict, console=None) -> dict:
     """Print the metrics as a table and write metrics.json + metrics.md into ``out``."""
     out = Path(out)

@@ -20,7 +20,7 @@ import torch
 
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.errors import UsageError
-from medcfx.evaluation import evaluate_maps, select_rows, test_sets, write_report
+from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
 from medcfx.inputs import OutputDir, load_cases, write_map
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
@@ -177,11 +177,8 @@ class Scorer:
         self.method = method
 
     def evaluate(self, request) -> dict:
-        result = run_evaluation(request, self.method, request.options, request.data)
-        ctx = {"method": self.method, "model": request.model, "data": str(request.data), **result.pop("context")}
-        metrics = write_report(request.out, f"{self.method} on {Path(request.data).name}", result, ctx,
-                               request.console)
-        return {"printed": True, **metrics}
+        return report(request, self.method, request.model,
+                      run_evaluation(request, self.method, request.options, request.data))
 
 
 def run_evaluation(request, method: str, options: dict, data: Path, keep_maps: int = 0) -> dict:

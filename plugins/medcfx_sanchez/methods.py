@@ -22,7 +22,7 @@ from medcfx.data.preprocess import PreprocessConfig
 from medcfx.diffusion import Schedule, log_prob_gradient
 from medcfx.errors import UsageError
 from medcfx.export import denoiser_for
-from medcfx.evaluation import evaluate_maps, select_rows, test_sets, write_report
+from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
 from medcfx.inputs import OutputDir, load_cases, write_map
 from medcfx.loading import load_state, load_unet
 from medcfx.method import Method, Option
@@ -255,10 +255,7 @@ class Scorer:
     def evaluate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
         result = run_evaluation(request, self.method, entry, request.options, request.data)
-        ctx = {"method": self.method, "model": entry.ref if entry else "-", "data": str(request.data),
-               **{k: v for k, v in result.pop("context").items()}}
-        metrics = write_report(request.out, f"{self.method} on {Path(request.data).name}", result, ctx, request.console)
-        return {"printed": True, **metrics}
+        return report(request, self.method, entry.ref if entry else "-", result)
 
 
 def run_evaluation(request, method: str, entry, options: dict, data: Path, keep_maps: int = 0) -> dict:
