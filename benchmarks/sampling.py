@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--max-slices", type=int, default=96)
     ap.add_argument("--work", type=Path, default=Path("bench-sampling"), help="evaluations kept (and reused) here")
     ap.add_argument("--dice-only", action="store_true", help="only run the ideal-Dice evaluations (no timing)")
+    ap.add_argument("--no-docs", action="store_true", help="print the rows only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     if args.dice_only:
         demo_dice(args)
