@@ -300,8 +300,10 @@ def test_threshold_evaluation_matches_sklearn(brain, tmp_path, home):
 def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
     home, env, out = trained
     proc = run_cli(["sweep", "sanchez", "--model", out["model"], "--data", brain, "--guidance", "0,3",
-                    "--noise-level", "0.5", "--max-slices", "4", "--out", tmp_path / "sw"], env=env, check=0)
+                    "--noise-level", "0.5", "--max-slices", "4", "--solver", "dpm++2m", "--out", tmp_path / "sw"],
+                   env=env, check=0)
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 4  # the flag reached the sampler
     assert [(r["guidance"], r["noise_level"]) for r in res["rows"]] == [(0.0, 0.5), (3.0, 0.5)]
     best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
     assert res["recommended"] == best

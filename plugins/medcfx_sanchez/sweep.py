@@ -69,8 +69,10 @@ def add_sweep_command(app: typer.Typer) -> None:
         for w in ws:
             for level in ls:
                 opts = {"guidance": w, "noise_level": level, "steps": steps, "dn_percentile": dn_percentile,
-                        "solver": solver, "max_slices": max_slices, "slice_stride": slice_stride, "batch_size": batch_size}
+                        "solver": solver, "max_slices": max_slices, "slice_stride": slice_stride,
+                        "batch_size": batch_size}
                 r = run_evaluation(request, method, entry, opts, data)
+                settings = {k: v for k, v in r["context"].items() if k not in ("guidance", "noise_level")}
                 rows.append({"guidance": w, "noise_level": level, "pixel_ideal_Dice": r["pixel_ideal_Dice"],
                              "pixel_AUPRC": r["pixel_AUPRC"], "slices": r["slices"]})
                 console.print(f"w={w:g} L={level:g}: ideal Dice {r['pixel_ideal_Dice']:.4f}, AUPRC {r['pixel_AUPRC']:.4f}")
@@ -85,7 +87,8 @@ def add_sweep_command(app: typer.Typer) -> None:
         console.print(f"recommended: --guidance {best['guidance']:g} --noise-level {best['noise_level']:g} "
                       f"(ideal Dice {best['pixel_ideal_Dice']:.4f})")
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "sweep.json", {"model": entry.ref, "data": str(data), "rows": rows, "recommended": best})
+        write_json(out / "sweep.json", {"model": entry.ref, "data": str(data), "rows": rows, "recommended": best,
+                                          "settings": settings})
         cols = ("guidance", "noise_level", "pixel_ideal_Dice", "pixel_AUPRC", "slices")
         (out / "sweep.md").write_text(f"# Sweep of {entry.ref} on {data}\n\n" + markdown_table(rows, cols)
                                       + f"\nRecommended: w = {best['guidance']:g}, L = {best['noise_level']:g}\n")
