@@ -117,6 +117,10 @@ def main() -> None:
     rel = m1.get("semantic_reliance") or {}
     recon += (" Reliance of the denoiser on z_sem (eps-MSE with another image's code / with its own code; 1 = "
               "ignored): " + ", ".join(f"t={t}: {v[2]:.3f}" for t, v in rel.items()) + ".") if rel else ""
+    cvn = m1.get("code_vs_noise") or {}
+    recon += (f" What decides a decoded image (fresh x_T, {cvn['steps']} DDIM steps, {cvn['images']} test codes): "
+              f"changing z_sem moves it by {cvn['code']:.3f}, changing x_T by {cvn['noise']:.3f} (ratio "
+              f"{cvn['ratio']:.2f}; see docs/methods/diffae.md).") if cvn else ""
     counts = (f"Test set: {rows['detection_n']} images with a detection target ({rows.get('detection_positive', '?')} "
               f"positive = G2-G3, negatives = G0; G1 excluded), {rows['grading_n']} graded images.")
     body = (f"Autoencoder `{m1['autoencoder']}`, graders trained on `vert-train` (600 images, seed 0), evaluated "

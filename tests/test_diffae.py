@@ -268,6 +268,30 @@ def test_semantic_reliance_is_one_when_z_is_ignored():
         assert own == pytest.approx(other, rel=1e-6) and ratio == pytest.approx(1.0, rel=1e-6)
 
 
+def test_code_vs_noise_matches_the_gaussian_closed_form():
+    """x0 | z ~ N(m(z), s^2): the decoder is x0 = m(z) + s x_T, so changing the code moves every pixel by
+    |m(z_i) - m(z_j)| and changing x_T by s |n - n'| (mean 2 s / sqrt(pi))."""
+    from types import SimpleNamespace
+
+    from medcfx.diffusion import Schedule
+    from medcfx_diffae.evaluate import code_vs_noise
+
+    sched = Schedule.create("linear", 1000)
+    s = 0.5
+    loaded = SimpleNamespace(model=SimpleNamespace(unet=GaussianEps(sched, s)), schedule=sched)
+    z = np.repeat(np.array([[0.0], [0.4], [0.0], [0.4]]), 4, axis=1)  # m(z) = mean of z: 0, 0.4, 0, 0.4
+    out = code_vs_noise(loaded, z, (1, 32, 32), seed=3, steps=500)  # DDIM error ~ 1 / steps (6 % at 50)
+    g = torch.Generator().manual_seed(3)
+    n, n2 = torch.randn((4, 1, 32, 32), generator=g), torch.randn((4, 1, 32, 32), generator=g)
+    assert out["code"] == pytest.approx(0.4, rel=0.03)
+    assert out["noise"] == pytest.approx(s * float((n - n2).abs().mean()), rel=0.05)
+    assert out["noise"] == pytest.approx(2 * s / np.sqrt(np.pi), rel=0.06)
+    assert out["ratio"] == pytest.approx(out["code"] / out["noise"])
+    # a code that no longer matters (same mean for every image) moves nothing
+    flat = code_vs_noise(loaded, np.full((4, 4), 0.2), (1, 32, 32), seed=3, steps=50)
+    assert flat["code"] < 1e-6 and flat["ratio"] < 1e-5
+
+
 # -------------------------------------------------------------------- encode -> decode, bundled demo
 
 def test_bundled_demo_reconstructs_demo_image():
@@ -349,6 +373,9 @@ def test_cli_explain_reconstruct_and_evaluate(tiny, tmp_path, labelled):
     assert 0.0 <= metrics["rows"][0]["detection_AUROC"] <= 1.0
     assert "| DAE | SVM |" in (tmp_path / "ev" / "metrics.md").read_text()
     assert set(metrics["semantic_reliance"]) == {"100", "300", "500"}
+    cvn = metrics["code_vs_noise"]
+    assert cvn["ratio"] == pytest.approx(cvn["code"] / cvn["noise"]) and cvn["noise"] > 0
+    assert "What decides a decoded image" in (tmp_path / "ev" / "metrics.md").read_text()
 
 
 def test_cli_bad_inputs_one_line_nonzero(tiny, tmp_path):

@@ -193,8 +193,9 @@ def evaluate(request) -> dict:
         recon = {f"reconstruction_{k}": float(np.mean([e[k] for e in errs])) for k in errs[0]}
         recon["reconstruction_n"] = len(errs)
     reliance = semantic_reliance(loaded, images[: max(n_rec, 32)], z[: max(n_rec, 32)], seed=request.seed)
+    cvn = code_vs_noise(loaded, z[:16], tuple(images.shape[1:]), seed=request.seed, device=request.device)
     result = {"grader": gentry.ref, "autoencoder": loaded.entry.ref, "data": str(request.data),
-              "semantic_reliance": reliance,
+              "semantic_reliance": reliance, "code_vs_noise": cvn,
               "encode_steps": enc, "decode_steps": dec, "rows": rows, **recon,
               "label_rule": {k: info.get(k) for k in ("positive_grades", "negative_grades", "ungraded_positive",
                                                       "label")}}
@@ -238,6 +239,38 @@ def semantic_reliance(loaded, images, z: np.ndarray, seed: int = 0, timesteps=(1
     return out
 
 
+def code_vs_noise(loaded, z: np.ndarray, shape, seed: int = 0, steps: int = 50, device: str = "cpu") -> dict:
+    """What decides the decoded image, the semantic code or the stochastic code? Decode fresh Gaussian x_T
+    (``steps`` DDIM steps) three ways: (n, z_i), (n, z_j) with j the next image's code, and (n', z_i):
+
+        code  = mean |D(n, z_i) - D(n, z_j)|      the effect of changing z_sem
+        noise = mean |D(n, z_i) - D(n', z_i)|     the effect of changing x_T
+        ratio = code / noise
+
+    In a working diffusion autoencoder z_sem fixes the content and x_T only details (Preechakul et al.,
+    stochastic variations), so the ratio is well above the small one where x_T decides the image; then an
+    edit of z_sem with the image's own x_T changes little and the counterfactuals show nothing.
+    For data x0 | z ~ N(m(z), s^2) the decoder is x0 = m(z) + s x_T, so code = |m(z_i) - m(z_j)| and
+    noise = s E|n - n'| = 2 s / sqrt(pi).
+    """
+    import torch
+
+    from medcfx_diffae.model import decode_codes
+
+    if len(z) < 2:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    zt = torch.from_numpy(np.asarray(z, np.float32)).to(device)
+    n = torch.randn((len(z), *shape), generator=g).to(device)
+    n2 = torch.randn((len(z), *shape), generator=g).to(device)
+    codes = torch.cat([zt, torch.roll(zt, 1, dims=0), zt])
+    x = decode_codes(loaded.model, loaded.schedule, torch.cat([n, n, n2]), codes, steps).double()
+    a, b, c = x.chunk(3)
+    code, noise = float((a - b).abs().mean()), float((a - c).abs().mean())
+    return {"code": code, "noise": noise, "ratio": code / noise if noise > 0 else math.nan, "images": len(z),
+            "steps": steps}
+
+
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
 
@@ -252,6 +285,9 @@ def markdown_table(result: dict) -> str:
         lines.append("")
         lines.append("Reliance on z_sem (eps-MSE with another image's code / with its own code): " + ", ".join(
             f"t={t}: {v[2]:.3f}" for t, v in result["semantic_reliance"].items()) + " (1 = z_sem ignored).")
+    if result.get("code_vs_noise"):
+        lines.append("")
+        lines.append(_code_vs_noise_line(result["code_vs_noise"]))
     if "reconstruction_mse" in result:
         lines.append("")
         lines.append(f"Reconstruction (encode {result['encode_steps']} / decode {result['decode_steps']} DDIM "
@@ -259,6 +295,12 @@ def markdown_table(result: dict) -> str:
                      f"MAE {result['reconstruction_mae']:.4f}, PSNR {result['reconstruction_psnr_db']:.1f} dB "
                      f"(images in [-1, 1]).")
     return "\n".join(lines) + "\n"
+
+
+def _code_vs_noise_line(c: dict) -> str:
+    return (f"What decides a decoded image (fresh x_T, {c['steps']} steps, {c['images']} codes): changing z_sem moves "
+            f"it by {c['code']:.3f}, changing x_T by {c['noise']:.3f} (ratio {c['ratio']:.2f}; below 1, x_T decides "
+            f"and edits of z_sem change little).")
 
 
 def _print_table(console, result: dict) -> None:
@@ -274,6 +316,8 @@ def _print_table(console, result: dict) -> None:
     if result.get("semantic_reliance"):
         console.print("reliance on z_sem (eps-MSE other code / own code): " + ", ".join(
             f"t={t}: {v[2]:.3f}" for t, v in result["semantic_reliance"].items()))
+    if result.get("code_vs_noise"):
+        console.print(_code_vs_noise_line(result["code_vs_noise"]))
     if "reconstruction_mse" in result:
         console.print(f"reconstruction: MSE {result['reconstruction_mse']:.5f}, MAE {result['reconstruction_mae']:.4f}, "
                       f"PSNR {result['reconstruction_psnr_db']:.1f} dB over {result['reconstruction_n']} images")
