@@ -151,6 +151,41 @@ def test_hyperplanes_match_scikit_learn_decision_function():
                                 "graded": int(np.isfinite(grades).sum())}
 
 
+def test_cv_choice_of_C_matches_scikit_learn_and_the_one_se_rule():
+    """grader.svm_C = cv: per C of the grid, the mean and standard error of the fold AUROCs equal
+    scikit-learn's cross_val_score with the same folds; the chosen C is the smallest within one SE of the best."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from medcfx_diffae.grader import C_GRID, choose_C
+
+    z, grades, labels = synthetic_codes(n=200, dim=12, seed=1)
+    y = binary_targets(grades, labels, [2, 3], [0], False)
+    used = np.isfinite(y)
+    w = ((z - z.mean(0)) / z.std(0))[used]
+    yy = y[used].astype(int)
+    make = lambda C: LogisticRegression(C=C, class_weight="balanced", max_iter=5000)  # noqa: E731
+    C, table = choose_C("cv", make, w, yy, seed=4, what="grader.logreg_C")
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=4)
+    ref = []
+    for c in C_GRID:
+        s = cross_val_score(make(c), w, yy, cv=folds, scoring="roc_auc")
+        ref.append([c, s.mean(), s.std(ddof=1) / np.sqrt(len(s))])
+    np.testing.assert_allclose(np.array(table), np.array(ref), rtol=1e-9)
+    best = max(ref, key=lambda r: r[1])
+    assert C == min(c for c, m, _ in ref if m >= best[1] - best[2])
+    # a given number is used as it is; anything else is one clear error
+    assert choose_C(0.25, make, w, yy, 0, "x") == (0.25, [])
+    for bad in ("often", -1, 0):
+        with pytest.raises(UsageError, match="positive number or 'cv'"):
+            choose_C(bad, make, w, yy, 0, "grader.svm_C")
+    # fit_grader records the choice and fits with it
+    g = fit_grader(z, grades, labels, {**SETTINGS, "logreg_C": "cv"}, seed=4)
+    assert g.info["regularisation"]["logreg"]["C"] == C and g.info["regularisation"]["svm"]["C"] == 0.5
+    lr = make(C).fit(((z - z.mean(0)) / z.std(0))[used], yy)
+    np.testing.assert_allclose(g.planes["logreg"].normal, lr.coef_[0], rtol=1e-6)
+
+
 def test_fit_refuses_too_few_labels():
     z, grades, labels = synthetic_codes(n=20)
     grades[:] = 0

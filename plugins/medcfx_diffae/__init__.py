@@ -57,8 +57,9 @@ GRADER_DEFAULTS = {
         "ungraded_positive": False,
         "calibration_grades": [],  # [] = every graded row
         "degree": 1,
-        "svm_C": 1.0,
-        "logreg_C": 1.0,
+        # C of the linear classifiers: a number, or "cv" (5-fold AUROC over 1e-4..1, one-standard-error rule)
+        "svm_C": "cv",
+        "logreg_C": "cv",
         "class_weight": "balanced",
     },
 }
