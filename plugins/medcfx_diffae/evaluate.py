@@ -248,8 +248,8 @@ def code_vs_noise(loaded, z: np.ndarray, shape, seed: int = 0, steps: int = 50, 
         ratio = code / noise
 
     In a working diffusion autoencoder z_sem fixes the content and x_T only details (Preechakul et al.,
-    stochastic variations), so the ratio is well above the small one where x_T decides the image; then an
-    edit of z_sem with the image's own x_T changes little and the counterfactuals show nothing.
+    stochastic variations). Near 0, x_T decides the image and an edit of z_sem decoded with the image's own
+    x_T changes little (docs/methods/diffae.md follows it over the demo autoencoder's training).
     For data x0 | z ~ N(m(z), s^2) the decoder is x0 = m(z) + s x_T, so code = |m(z_i) - m(z_j)| and
     noise = s E|n - n'| = 2 s / sqrt(pi).
     """
@@ -299,8 +299,8 @@ def markdown_table(result: dict) -> str:
 
 def _code_vs_noise_line(c: dict) -> str:
     return (f"What decides a decoded image (fresh x_T, {c['steps']} steps, {c['images']} codes): changing z_sem moves "
-            f"it by {c['code']:.3f}, changing x_T by {c['noise']:.3f} (ratio {c['ratio']:.2f}; below 1, x_T decides "
-            f"and edits of z_sem change little).")
+            f"it by {c['code']:.3f}, changing x_T by {c['noise']:.3f} (ratio {c['ratio']:.2f}; near 0, x_T decides "
+            f"the image and edits of z_sem change little).")
 
 
 def _print_table(console, result: dict) -> None:
