@@ -170,6 +170,7 @@ def evaluate(request) -> dict:
     for clf in grader.planes:
         p = grader.predict(z, clf)
         rows.append({"encoder": "DAE", "classifier": {"svm": "SVM", "logreg": "LR"}[clf], "model": gentry.ref,
+                     "C": info.get("regularisation", {}).get(clf, {}).get("C"),
                      **detection_metrics(target, p["distance"]),
                      **grading_metrics(ss.grade, p["grade"], grader.grade_range)})
     if baseline:
