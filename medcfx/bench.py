@@ -107,8 +107,11 @@ def example_batch(unet, batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def bench(registry, ref: str, backends: list[str], batches: list[int], steps: int | None, repeats: int,
-          console) -> list[dict]:
-    """``medcfx bench``: seconds per slice, GFLOP/s and heatmap agreement of each path for a registered model."""
+          console, solver: str = "ddim") -> list[dict]:
+    """``medcfx bench``: seconds per slice, GFLOP/s and heatmap agreement of each path for a registered model.
+
+    ``solver`` applies to every path but ``reference`` (the authors' DDIM loop), so "vs first path" also
+    shows what the solver changes in the heatmap."""
     from rich.table import Table
 
     from medcfx.diffusion import Schedule
@@ -125,20 +128,26 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
     gflop = count_flops(unet, unet.onnx_inputs(1)[1]) / 1e9
     guided = bool(unet.config.num_classes)
     n_fwd = forwards_per_slice(kw["steps"], kw["noise_level"], guided)
+    from medcfx.diffusion.ddim import SOLVERS
+
+    if solver not in SOLVERS:
+        raise UsageError(f"unknown solver {solver!r} (choose {', '.join(SOLVERS)})")
+    tag = "" if solver == "ddim" else f", {solver}"
     paths = []
     for b in backends:
         if b == "reference":
             paths.append(SamplingPath("reference (two passes, fp32)", batched_cfg=False))
         elif b == "torch":
-            paths.append(SamplingPath("torch (batched cfg, fp32)"))
+            paths.append(SamplingPath(f"torch (batched cfg, fp32{tag})", solver=solver))
         elif b == "bf16":
-            paths.append(SamplingPath("torch bf16 autocast", bf16=True))
+            paths.append(SamplingPath(f"torch bf16 autocast{tag}", bf16=True, solver=solver))
         elif b == "onnx":
             from medcfx.export import OnnxDenoiser
 
             if "onnx" not in entry.artifacts:
                 raise UsageError(f"model {entry.ref} has no ONNX export: run `medcfx export {entry.ref} --format onnx`")
-            paths.append(SamplingPath("onnxruntime (cpu)", onnx=OnnxDenoiser(registry.artifact_path(entry, "onnx"))))
+            paths.append(SamplingPath(f"onnxruntime (cpu{tag})", onnx=OnnxDenoiser(registry.artifact_path(entry, "onnx")),
+                                      solver=solver))
         else:
             raise UsageError(f"unknown bench path {b!r} (reference, torch, bf16, onnx)")
     rows = []

@@ -378,6 +378,7 @@ def bench_cmd(
     batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
     repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
+    solver: str = typer.Option("ddim", "--solver", help="ddim or dpm++2m for every path but 'reference'."),
 ) -> None:
     """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
     from medcfx.bench import bench
@@ -386,7 +387,8 @@ def bench_cmd(
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise UsageError(f"--batch expects comma-separated integers, got {batch!r}") from None
-    bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console)
+    bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console,
+          solver=solver)
 
 
 def _mount_subapps() -> None:

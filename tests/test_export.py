@@ -116,7 +116,11 @@ def test_onnx_backend_without_export_and_tampered_onnx_are_refused(home, tmp_pat
 
 def test_bench_paths_agree_with_the_reference_loop(home):
     """The batched-CFG and channels_last paths compute the authors' two-pass loop's heatmaps."""
-    from medcfx.bench import SamplingPath, example_batch, run_path
+    import io
+
+    from rich.console import Console
+
+    from medcfx.bench import SamplingPath, bench, example_batch, run_path
     from medcfx.diffusion import Schedule
 
     reg, entry, unet = _register(home)
@@ -133,6 +137,13 @@ def test_bench_paths_agree_with_the_reference_loop(home):
     out = run_cli(["bench", entry.ref, "--backend", "reference,torch", "--batch", "2", "--steps", "4"],
                   env=cli_env(home), check=0).stdout
     assert "reference (two passes, fp32)" in out and "torch (batched cfg, fp32)" in out
+    # --solver reaches the non-reference paths: DPM-Solver++ differs from the DDIM reference loop
+    rows = bench(reg, entry.ref, ["reference", "torch"], [2], 12, 1, Console(file=io.StringIO()), solver="dpm++2m")
+    assert rows[1]["path"] == "torch (batched cfg, fp32, dpm++2m)" and rows[1]["max_heatmap_diff"] > 1e-3, rows
+    same = bench(reg, entry.ref, ["reference", "torch"], [2], 12, 1, Console(file=io.StringIO()))
+    assert same[1]["max_heatmap_diff"] < 1e-4
+    proc = run_cli(["bench", entry.ref, "--solver", "euler"], env=cli_env(home))
+    assert proc.returncode != 0 and "unknown solver 'euler'" in proc.stderr
 
 
 def test_io_binding_path_gives_the_same_eps_as_the_feed_path(tmp_path):
