@@ -41,7 +41,9 @@ DEFAULTS = {
             "network": DEMO_NETWORK,
             "encoder": DEMO_ENCODER,
             # EMA warm-up: with a fixed 0.999 a short run's EMA weights keep 0.999^steps of the random
-            # initialisation (13.5 % after 2,000 steps), which left the first demo model unable to use z_sem
+            # initialisation (13.5 % after 2,000 steps), which left the first demo model unable to use z_sem.
+            # 6,000 steps (~45 min on 2 cores) check that training works; the bundled diffae-demo:3 is this
+            # preset with train.steps=20000, where z_sem decides the decoded image (docs/methods/diffae.md)
             "train": {"steps": 6000, "batch_size": 16, "lr": 3e-4, "ema_decay": 0.999, "ema_warmup": True,
                       "warmup_steps": 100, "log_every": 50, "ckpt_every": 500},
             "preprocess": {"size": 48},
