@@ -115,10 +115,12 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
     from rich.table import Table
 
     from medcfx.diffusion import Schedule
+    from medcfx.diffusion.ddim import check_solver
     from medcfx.errors import UsageError
     from medcfx.loading import load_unet
     from medcfx.nn.flops import count_flops
 
+    check_solver(solver)  # before any model is loaded
     unet, entry = load_unet(registry, ref)
     d = entry.config.get("diffusion", {"schedule": "linear", "T": 1000})
     schedule = Schedule.create(d["schedule"], d["T"])
@@ -128,10 +130,6 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
     gflop = count_flops(unet, unet.onnx_inputs(1)[1]) / 1e9
     guided = bool(unet.config.num_classes)
     n_fwd = forwards_per_slice(kw["steps"], kw["noise_level"], guided)
-    from medcfx.diffusion.ddim import SOLVERS
-
-    if solver not in SOLVERS:
-        raise UsageError(f"unknown solver {solver!r} (choose {', '.join(SOLVERS)})")
     tag = "" if solver == "ddim" else f", {solver}"
     paths = []
     for b in backends:

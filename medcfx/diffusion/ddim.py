@@ -178,7 +178,7 @@ def dpmpp2m_step(
     return c_x * x + c_d * d, (x0, h)
 
 
-def _check_solver(solver: str, eta: float = 0.0) -> str:
+def check_solver(solver: str, eta: float = 0.0) -> str:
     if solver not in SOLVERS:
         raise UsageError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if solver != "ddim" and float(eta) > 0.0:
@@ -251,7 +251,7 @@ def encode(
     ``callback(k, x_k)`` after each step. L = 0 returns x0 unchanged.
     """
     L = _check_level(L, respaced)
-    _check_solver(solver)
+    check_solver(solver)
     x, history = x0, None
     for k in range(1, L + 1):
         a_prev, a_k = respaced.abar[k - 1].item(), respaced.abar[k].item()
@@ -288,7 +288,7 @@ def decode(
     L = 0 returns x_L unchanged.
     """
     L = _check_level(L, respaced)
-    _check_solver(solver, eta)
+    check_solver(solver, eta)
     x, history = x_L, None
     for k in range(L, 0, -1):
         a_k, a_prev = respaced.abar[k].item(), respaced.abar[k - 1].item()

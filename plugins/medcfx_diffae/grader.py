@@ -294,11 +294,11 @@ def fit_grader(z: np.ndarray, grades: np.ndarray, labels: np.ndarray | None, set
     planes = {}
     counts = {}
     chosen = {}
+    w_used, y_used = w[used], y[used].astype(int)
     for name, make in makers.items():
-        C, table = choose_C(settings[f"{name}_C"], make, w[used], y[used].astype(int), seed, f"grader.{name}_C")
+        C, table = choose_C(settings[f"{name}_C"], make, w_used, y_used, seed, f"grader.{name}_C")
         chosen[name] = {"C": C, "cv_auroc": table}
-        clf = make(C)
-        clf.fit(w[used], y[used].astype(int))
+        clf = make(C).fit(w_used, y_used)
         normal = clf.coef_.reshape(-1).astype(np.float64)
         bias = float(np.asarray(clf.intercept_).reshape(-1)[0])
         if not np.linalg.norm(normal) > 0:
@@ -310,7 +310,7 @@ def fit_grader(z: np.ndarray, grades: np.ndarray, labels: np.ndarray | None, set
         if name == "logreg":
             plane.platt = (float(np.linalg.norm(normal)), 0.0)
         else:
-            platt = LogisticRegression(C=1e6, max_iter=5000).fit(d[used].reshape(-1, 1), y[used].astype(int))
+            platt = LogisticRegression(C=1e6, max_iter=5000).fit(d[used].reshape(-1, 1), y_used)
             plane.platt = (float(platt.coef_[0, 0]), float(platt.intercept_[0]))
         planes[name] = plane
         counts[name] = {"train_auroc": _auroc(y[used], d[used])}
