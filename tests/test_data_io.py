@@ -203,12 +203,13 @@ def test_dicom_slope_intercept_monochrome2(tmp_path):
     assert im.meta["bit_depth"] == 12 and im.meta["mode"] == "MONOCHROME2"
 
 
-def test_dicom_monochrome1_inverted_before_rescale(tmp_path):
+def test_dicom_monochrome1_inverted_over_the_actual_range(tmp_path):
     stored = np.random.default_rng(1).integers(0, 4096, (6, 7)).astype(np.uint16)
     f = write_dicom(tmp_path / "cr.dcm", stored, photometric="MONOCHROME1", slope=2.0, intercept=10.0)
     im = read_image(f)
-    # MONOCHROME1 with 12 stored bits: brightness order reversed within [0, 4095], then rescaled
-    np.testing.assert_allclose(im.data[0], (4095 - stored.astype(np.float64)) * 2.0 + 10.0)
+    # MONOCHROME1: brightness order reversed within the ACTUAL range of the values (not the nominal 12 bits)
+    v = stored.astype(np.float64) * 2.0 + 10.0
+    np.testing.assert_allclose(im.data[0], v.min() + v.max() - v)
     # the brightest displayed pixel is the smallest stored value
     assert np.argmax(im.data[0]) == np.argmin(stored)
 

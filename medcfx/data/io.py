@@ -1,33 +1,35 @@
-"""Readers and writers for the image files medcfx takes: NIfTI volumes and 2D images.
+"""Readers and writers for the image files medcfx takes: NIfTI volumes, DICOM and 2D images.
 
 Every reader returns float32 data and keeps what is needed to write results back where they came from
-(the NIfTI affine and header), and every problem with a file becomes a one-line
-:class:`~medcfx.errors.MedcfxError` that names the file: ``cannot read <file>: <reason>``, ``<file>: holds
-NaN or inf values``, ``<file>: expected a 3D volume, got shape (...)``.
+(the NIfTI affine and header); every problem with a file is a one-line :class:`~medcfx.errors.MedcfxError`
+naming the file (``cannot read <file>: <reason>`` with the library's whole reason on one line).
 
-Volumes (``.nii``, ``.nii.gz``)
-    :func:`read_volume` -> :class:`Volume` (``data`` float32 ``[X, Y, Z]`` in the file's voxel order,
-    ``affine``, ``header``; ``meta["dtype"]`` is the dtype stored on disk, ``meta["zooms"]`` the spacing).
-    A trailing singleton dimension (``X x Y x Z x 1``) is dropped; a genuine 4D file is an error.
-    :func:`write_nifti` writes an array on the grid, affine and header of an input (float32, atomic).
+One detection rule for every command: a file is DICOM when it carries the ``DICM`` marker at byte 128,
+whatever its suffix (``.dcm``, ``.IMA``, none); NIfTI by the suffix ``.nii``/``.nii.gz``; the Pillow formats
+and ``.npy`` by suffix (:func:`is_dicom_file`, :func:`is_image_file`, :func:`is_volume_file`).
 
-2D images (``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff``, ``.bmp``, ``.npy``, ``.dcm``/``.dicom``)
-    :func:`read_image` -> :class:`Image2D` (``data`` float32 ``[C, H, W]``, C = 1 grey or 3 RGB). Values
-    are the RAW stored values (0..255 for 8-bit, 0..65535 for 16-bit, rescaled values for DICOM): mapping
-    to [-1, 1] is the preprocessing's job (:func:`medcfx.data.preprocess.scale_image`), which uses
-    ``meta["bit_depth"]`` and ``meta["integer"]``. RGBA drops alpha, palette images become RGB, ``LA``
-    becomes grey (each with a note in ``meta["notes"]``). DICOM needs the optional ``pydicom``
-    (``pip install 'medcfx[dicom]'``); RescaleSlope/RescaleIntercept are applied and MONOCHROME1 is
-    inverted so that larger values are always brighter.
+Volumes: :func:`read_volume` -> :class:`Volume` (``data`` float32 ``[X, Y, Z]`` in the file's voxel order,
+``affine``, ``header``). A trailing singleton dimension is dropped; a 4D file is read one channel at a time
+(``frame=``). Before any voxel is read the header's data size is checked against the file, and a ``.nii.gz``
+is decompressed once, whole, with its gzip CRC32 and length verified. A folder of DICOM files is a series
+(:func:`medcfx.data.dicom.read_dicom_series`). :func:`write_nifti` writes on an input's grid (atomic).
 
-:func:`read_any` dispatches on the suffix (a file without a known suffix but with the DICOM ``DICM``
-marker is read as DICOM).
+2D images: :func:`read_image` -> :class:`Image2D` (``data`` float32 ``[C, H, W]``, C = 1 grey or 3 RGB) of
+RAW values (0..255 for 8-bit, 0..65535 for 16-bit, modality-LUT values for DICOM); scaling is the
+preprocessing's job (``meta["bit_depth"]``, ``meta["integer"]``, DICOM ``meta["voi_range"]``). RGBA drops
+alpha, palette images become RGB, ``LA`` grey, each with a note in ``meta["notes"]``. DICOM
+(:func:`medcfx.data.dicom.read_dicom_image`) needs the optional ``pydicom`` (``pip install 'medcfx[dicom]'``).
+:func:`read_any` dispatches with the same rule (a folder is read as a DICOM series).
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import math
 import os
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,8 @@ from medcfx.errors import MedcfxError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-IMAGE_SUFFIXES = PIL_SUFFIXES + (".npy", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # a hint only: DICOM is recognised by its DICM marker
+IMAGE_SUFFIXES = PIL_SUFFIXES + (".npy",) + DICOM_SUFFIXES
 SUPPORTED_SUFFIXES = VOLUME_SUFFIXES + IMAGE_SUFFIXES
 
 DICOM_HINT = "reading DICOM needs the dicom extra: pip install 'medcfx[dicom]'"
@@ -92,19 +95,50 @@ def strip_suffix(path: str | Path) -> str:
 
 
 def is_volume_file(path: str | Path) -> bool:
+    """True for a ``.nii`` / ``.nii.gz`` name (by suffix only; the file is not opened)."""
     return suffix_of(path) in VOLUME_SUFFIXES
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """True when ``path`` is a file carrying the DICOM ``DICM`` marker at byte 128 (any suffix or none).
+
+    Reads 132 bytes; False for an unreadable, short or missing file (never raises).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def is_image_file(path: str | Path) -> bool:
-    return suffix_of(path) in IMAGE_SUFFIXES
+    """True for a 2D image file: a Pillow/``.npy``/DICOM suffix, or any other non-NIfTI file with the DICM marker.
+
+    Used to list image folders: a folder of extension-less (or ``.IMA``) DICOM files is a folder of images.
+    A ``DICOMDIR`` index file is not an image. Only files of unknown suffix are opened (132 bytes).
+    """
+    suf = suffix_of(path)
+    if suf in IMAGE_SUFFIXES:
+        return True
+    if suf in VOLUME_SUFFIXES or Path(path).name.upper() == "DICOMDIR":
+        return False
+    return is_dicom_file(path)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """``Type: whole message`` on one line (whitespace runs, newlines included, -> one space; cut past ``limit``)."""
+    msg = " ".join(str(exc).split())
+    msg = msg[: limit - 3] + "..." if len(msg) > limit else msg
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    if isinstance(exc, EOFError) or "end-of-stream" in msg or "Compressed file ended" in msg:
-        return f"truncated or corrupt file ({type(exc).__name__}: {msg or 'unexpected end of file'})"
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    """The reason of a library exception for a one-line error: its whole message (see :func:`_one_line`)."""
+    text = _one_line(exc)
+    if isinstance(exc, EOFError) or "end-of-stream" in text or "Compressed file ended" in text:
+        return f"truncated or corrupt file ({text if str(exc).strip() else 'EOFError: unexpected end of file'})"
+    return text
 
 
 def _exists(path: Path) -> None:
@@ -124,16 +158,81 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 # NIfTI
 
 
+GZIP_MAX_RATIO = 1032  # deflate expands a stream at most ~1032-fold (RFC 1951 longest match per 258 bytes)
+
+
+def _declared(img) -> tuple[int, int]:
+    """(byte offset of the voxel data, bytes of voxel data) from a NIfTI header; Python ints (no overflow)."""
+    hdr = img.header
+    return int(hdr.get_data_offset()), math.prod(int(s) for s in hdr.get_data_shape()) * hdr.get_data_dtype().itemsize
+
+
+def _too_small(path: Path, img, holds: str) -> MedcfxError:
+    shape, dtype = tuple(int(s) for s in img.header.get_data_shape()), np.dtype(img.header.get_data_dtype())
+    return MedcfxError(f"{path}: header declares {shape} {dtype} ({_declared(img)[1]} bytes of voxel data) but the file holds only {holds}")
+
+
+def _gzip_stream(path: Path, sink=None) -> int:
+    """Decompress ``path`` whole with the gzip module (CRC32 and length checked at the end of each member).
+
+    Returns the decompressed length; ``sink`` (a writable file object) receives the bytes when given.
+    """
+    n = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                n += len(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise MedcfxError(f"cannot read {path}: {_reason(exc)}") from None
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile (CRC, length), truncation, bad deflate data
+        raise MedcfxError(f"cannot read {path}: corrupt gzip stream ({_one_line(exc)})") from None
+    return n
+
+
+def _check_size(path: Path, img) -> None:
+    """Refuse a header whose voxel data cannot fit in the file, without reading (or allocating) the data.
+
+    ``.nii``: offset + data bytes against the file size. ``.nii.gz``: against the most the compressed size
+    can expand to, then the gzip ISIZE trailer (single-member streams; a mismatch is confirmed by counting
+    the decompressed bytes, in bounded memory, so that a corrupt trailer is reported as such).
+    """
+    offset, nbytes = _declared(img)
+    need, size = offset + nbytes, path.stat().st_size
+    if suffix_of(path) != ".nii.gz":
+        if need > size:
+            raise _too_small(path, img, f"{size} bytes (voxel data starts at byte {offset})")
+        return
+    if need > GZIP_MAX_RATIO * size + (1 << 16):
+        raise _too_small(path, img, f"{size} compressed bytes (at most {GZIP_MAX_RATIO * size} bytes decompressed)")
+    with open(path, "rb") as f:
+        head, _, isize = f.read(4), f.seek(max(size - 4, 0)), int.from_bytes(f.read(4), "little")
+    single = len(head) == 4 and not head[3] & 0x04  # FEXTRA set: BGZF and other multi-member streams
+    if single and need < 2**32 and isize < need:
+        n = _gzip_stream(path)
+        if n < need:
+            raise _too_small(path, img, f"{n} bytes decompressed (voxel data starts at byte {offset})")
+
+
 def load_nifti_header(path: str | Path):
-    """``nibabel`` image object (lazy: no voxel data read) with errors as MedcfxError."""
+    """The ``nibabel`` image of a NIfTI file, lazily (no voxel data read), with its size checked.
+
+    Returns a ``nibabel.Nifti1Image`` / ``Nifti2Image`` whose header describes the file. Raises
+    :class:`~medcfx.errors.MedcfxError` (one line naming the file): no such file, unreadable header,
+    a header declaring more voxel data than the file can hold (see :func:`read_volume`).
+    """
     import nibabel as nib
 
     path = Path(path)
     _exists(path)
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, gzip/zlib errors ...
         raise MedcfxError(f"cannot read {path}: {_reason(exc)}") from None
+    if isinstance(img, nib.Nifti1Image) and is_volume_file(path):
+        _check_size(path, img)
+    return img
 
 
 def spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
@@ -141,44 +240,101 @@ def spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    if len(shape) == 4:
+        raise MedcfxError(f"{path}: expected a 3D volume, got shape {shape} (4D: {shape[3]} channels or frames "
+                          "along the 4th axis); a dataset layout must name its channels (e.g. a Decathlon dataset.json 'modality')")
     if len(shape) != 3:
-        kind = f"{len(shape)}D"
-        raise MedcfxError(f"{path}: expected a 3D volume, got shape {shape} ({kind})")
+        raise MedcfxError(f"{path}: expected a 3D volume, got shape {shape} ({len(shape)}D)")
     return shape  # type: ignore[return-value]
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Read a 3D NIfTI file as float32 (scaling by scl_slope/scl_inter applied, as nibabel does).
+def _nifti_image(path: Path):
+    """The NIfTI image of ``path`` with its size checked and, for ``.nii.gz``, its whole gzip stream verified."""
+    import nibabel as nib
 
-    Errors (one line, naming the file): unreadable/corrupt/truncated file, a 4D (or 2D) volume, NaN/inf.
-    """
-    path = Path(path)
     img = load_nifti_header(path)
-    shape = spatial_shape(img.shape, path)
+    if suffix_of(path) != ".nii.gz":
+        return img
+    buf = io.BytesIO()
+    n = _gzip_stream(path, buf)
+    offset, nbytes = _declared(img)
+    if n < offset + nbytes:
+        raise _too_small(path, img, f"{n} bytes decompressed (voxel data starts at byte {offset})")
+    cls = nib.Nifti2Image if isinstance(img.header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+        return cls.from_stream(buf)  # the verified bytes; nothing is decompressed a second time
     except Exception as exc:
         raise MedcfxError(f"cannot read {path}: {_reason(exc)}") from None
-    data = data.reshape(shape, order="A") if data.shape != shape else data
+
+
+def read_volume(path: str | Path, frame: int | None = None) -> Volume:
+    """Read a 3D NIfTI file (or a DICOM series folder) as a :class:`Volume` of float32.
+
+    ``data`` float32 [X, Y, Z] (NIfTI scl_slope/scl_inter applied, as nibabel does); ``affine`` float64 4x4
+    voxel -> world (mm, RAS+); ``header`` the file's nibabel header; ``meta``: ``dtype`` (on disk),
+    ``zooms`` (mm), ``shape``, ``format`` ("nifti"), ``frame`` (when given). ``frame=i`` reads channel i
+    of a 4D file [X, Y, Z, C] (same affine and header); a 4D file without ``frame`` is an error saying
+    how many channels it holds. A folder is read with :func:`medcfx.data.dicom.read_dicom_series`.
+
+    Errors (:class:`~medcfx.errors.MedcfxError`, one line naming the file): no such file, not NIfTI,
+    unreadable/corrupt/truncated file, ``corrupt gzip stream (...)`` (CRC or length mismatch),
+    ``header declares <shape> <dtype> (<N> bytes of voxel data) but the file holds only <M> ...``
+    (refused before reading), a 4D file without ``frame``, a frame out of range, a 2D/5D volume, NaN/inf.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from medcfx.data.dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    _exists(path)
+    if not is_volume_file(path):
+        what = "a DICOM file" if is_dicom_file(path) else f"unsupported file type {suffix_of(path) or '(no suffix)'}"
+        raise MedcfxError(f"{path}: {what} where a volume is expected; volumes are {', '.join(VOLUME_SUFFIXES)} files or a DICOM series folder")
+    img = _nifti_image(path)
+    shape = tuple(int(s) for s in img.shape)
+    frames = shape[3] if len(shape) >= 4 and all(s == 1 for s in shape[4:]) else None
+    if frame is None:
+        slicer, out_shape = None, spatial_shape(shape, path)
+    elif frames is None:
+        raise MedcfxError(f"{path}: holds a {len(shape)}D volume of shape {shape}, not 4D channels; no frame {frame}")
+    elif not 0 <= frame < frames:
+        raise MedcfxError(f"{path}: has {frames} channel(s) along the 4th axis; frame {frame} does not exist")
+    else:
+        slicer, out_shape = (slice(None),) * 3 + (frame,) + (0,) * (len(shape) - 4), shape[:3]
+    try:
+        data = (np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged")) if slicer is None
+                else np.asarray(img.dataobj[slicer], dtype=np.float32))  # one channel: only its bytes are read
+    except Exception as exc:
+        raise MedcfxError(f"cannot read {path}: {_reason(exc)}") from None
+    data = data.reshape(out_shape, order="A") if data.shape != out_shape else data
+    data = data if data.flags.writeable else data.copy(order="K")  # a slice of the in-memory stream is read-only
     _check_finite(data, path)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    meta = {"dtype": str(img.get_data_dtype()), "zooms": zooms, "shape": shape}
+    meta = {"dtype": str(img.get_data_dtype()), "zooms": zooms, "shape": out_shape, "format": "nifti"}
+    if frame is not None:
+        meta["frame"] = int(frame)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path, meta=meta)
 
 
 def write_nifti(path: str | Path, array: np.ndarray, like: Volume | str | Path) -> Path:
     """Write ``array`` (float32, same shape as ``like``) with ``like``'s affine and header, atomically.
 
-    ``like`` is a :class:`Volume` or the path of a NIfTI file (only its header is read). The header is a
+    ``like`` is a :class:`Volume`, the path of a NIfTI file (only its header is read) or a DICOM series folder. The header is a
     copy of the input's (qform/sform, units, description kept) with the data type set to float32 and the
-    intensity scaling reset, so the values read back are exactly ``array``. The file is written to a
-    temporary name in the same folder and moved into place with ``os.replace``.
+    intensity scaling reset, so the values read back are exactly ``array``. A :class:`Volume` without a
+    header (a DICOM series) gets a fresh NIfTI-1 header: qform and sform = its affine (code 1, scanner),
+    units mm. The file is written to a temporary name in the same folder and moved into place with
+    ``os.replace``. Returns ``path``. Errors (MedcfxError naming the output): shape mismatch, a name not
+    ending in ``.nii``/``.nii.gz``, an OS error while writing.
     """
     import nibabel as nib
 
     path = Path(path)
     if isinstance(like, Volume):
         affine, header, shape = like.affine, like.header, like.shape
+    elif Path(like).is_dir():  # a DICOM series folder: its grid (this reads the series)
+        ref = read_volume(like)
+        affine, header, shape = ref.affine, ref.header, ref.shape
     else:
         img = load_nifti_header(like)
         affine, header, shape = img.affine, img.header, spatial_shape(img.shape, Path(like))
@@ -187,10 +343,16 @@ def write_nifti(path: str | Path, array: np.ndarray, like: Volume | str | Path) 
         raise MedcfxError(f"cannot write {path}: array shape {tuple(array.shape)} does not match the input grid {tuple(shape)}")
     if not is_volume_file(path):
         raise MedcfxError(f"cannot write {path}: a NIfTI output must end in .nii or .nii.gz")
-    hdr = header.copy()
-    hdr.set_data_dtype(np.float32)
-    cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-    out = cls(array.astype(np.float32, copy=False), affine, header=hdr)
+    if header is None:
+        out = nib.Nifti1Image(array.astype(np.float32, copy=False), affine)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        out.header.set_xyzt_units("mm")
+    else:
+        hdr = header.copy()
+        hdr.set_data_dtype(np.float32)
+        cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        out = cls(array.astype(np.float32, copy=False), affine, header=hdr)
     out.header.set_slope_inter(1.0, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
@@ -313,97 +475,39 @@ def _read_npy(path: Path) -> Image2D:
     return Image2D(data=data, path=path, meta=meta)
 
 
-def _read_dicom(path: Path) -> Image2D:
-    try:
-        import pydicom
-    except ImportError:
-        raise MedcfxError(f"cannot read {path}: {DICOM_HINT}") from None
-    try:
-        ds = pydicom.dcmread(str(path))
-    except Exception as exc:
-        raise MedcfxError(f"cannot read {path}: {_reason(exc)}") from None
-    if "PixelData" not in ds:
-        raise MedcfxError(f"{path}: DICOM file has no pixel data")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise MedcfxError(f"{path}: multi-frame DICOM ({frames} frames); expected a single 2D image")
-    try:
-        stored = np.asarray(ds.pixel_array)
-    except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise MedcfxError(f"cannot read {path}: pixel data not decodable (transfer syntax {ts}): {_reason(exc)}") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    bits = int(getattr(ds, "BitsStored", stored.dtype.itemsize * 8))
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    x = stored.astype(np.float64)
-    notes = []
-    if photometric == "MONOCHROME1":
-        # MONOCHROME1: larger stored values are darker. Invert within the nominal stored range
-        # [lo, hi] (from BitsStored / PixelRepresentation) so larger values mean brighter: s' = lo + hi - s.
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        x = (lo + hi) - x
-        notes.append("MONOCHROME1 inverted")
-    elif photometric not in ("MONOCHROME2", "RGB"):
-        if photometric.startswith("YBR") and stored.ndim == 3:
-            from pydicom.pixels import convert_color_space
-
-            x = convert_color_space(stored, photometric, "RGB").astype(np.float64)
-            notes.append(f"{photometric} converted to RGB")
-        elif photometric == "PALETTE COLOR":
-            from pydicom.pixels import apply_color_lut
-
-            x = apply_color_lut(stored, ds).astype(np.float64)
-            notes.append("palette colour applied")
-    x = x * slope + intercept
-    data = np.ascontiguousarray(_to_chw(x, path, channels_last=True), dtype=np.float32)
-    _check_finite(data, path)
-    meta = {
-        "bit_depth": bits,
-        "integer": False,  # rescaled values: scaled by the robust rule, never by 2**bits
-        "mode": photometric,
-        "notes": notes,
-        "format": "dicom",
-        "rescale": [slope, intercept],
-    }
-    return Image2D(data=data, path=path, meta=meta)
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def read_image(path: str | Path) -> Image2D:
-    """Read a 2D image (PNG/JPEG/TIFF/BMP, ``.npy``, single-file DICOM) as float32 [C, H, W] raw values."""
+    """Read a 2D image as an :class:`Image2D`: ``data`` float32 [C, H, W] of raw values (C 1 or 3).
+
+    DICOM (DICM marker, any suffix) -> :func:`medcfx.data.dicom.read_dicom_image`; PNG/JPEG/TIFF/BMP by
+    suffix (Pillow); ``.npy`` (no pickle). ``meta``: ``bit_depth``, ``integer``, ``mode``, ``notes``,
+    ``format`` (plus the DICOM keys). Errors (MedcfxError naming the file): no such file, a ``.dcm``-like
+    name without the DICM marker, a NIfTI volume, an unsupported suffix, unreadable data, a multi-frame
+    file, NaN/inf.
+    """
     path = Path(path)
     _exists(path)
+    if is_dicom_file(path):
+        from medcfx.data.dicom import read_dicom_image
+
+        return read_dicom_image(path)
     suf = suffix_of(path)
     if suf in PIL_SUFFIXES:
         return _read_pil(path)
     if suf == ".npy":
         return _read_npy(path)
-    if suf in (".dcm", ".dicom") or (suf not in SUPPORTED_SUFFIXES and _looks_like_dicom(path)):
-        return _read_dicom(path)
+    if suf in DICOM_SUFFIXES:
+        raise MedcfxError(f"cannot read {path}: not a DICOM file (no 'DICM' marker at byte 128)")
     if suf in VOLUME_SUFFIXES:
         raise MedcfxError(f"{path}: a NIfTI volume where a 2D image is expected")
-    raise MedcfxError(f"{path}: unsupported file type {suf or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    raise MedcfxError(f"{path}: unsupported file type {suf or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)} or DICOM")
 
 
 def read_any(path: str | Path) -> Volume | Image2D:
-    """:func:`read_volume` for NIfTI, :func:`read_image` for the 2D formats; anything else is a MedcfxError."""
+    """:func:`read_volume` for NIfTI files and folders (DICOM series), :func:`read_image` for 2D images.
+
+    Same detection rule as :func:`read_image` (DICOM by its marker); anything else is a MedcfxError.
+    """
     path = Path(path)
-    suf = suffix_of(path)
-    if suf in VOLUME_SUFFIXES:
+    if path.is_dir() or is_volume_file(path):
         return read_volume(path)
-    if suf in IMAGE_SUFFIXES:
-        return read_image(path)
-    _exists(path)
-    if _looks_like_dicom(path):
-        return _read_dicom(path)
-    raise MedcfxError(f"{path}: unsupported file type {suf or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    return read_image(path)
