@@ -29,6 +29,13 @@ Kinds (``LAYOUT_KINDS``):
     nnU-Net raw: ``dataset.json`` (``channel_names`` or ``modality``; ``labels``; ``file_ending``),
     ``imagesTr/<case>_0000<ending>`` ... per channel, ``labelsTr/<case><ending>``. 3D (NIfTI) or 2D
     (``.png``). Label ``unhealthy`` = any label value > 0 in the slice.
+``decathlon``
+    Medical Segmentation Decathlon: ``dataset.json`` (``modality`` {"0": "FLAIR", ...}, ``training``
+    [{"image": "./imagesTr/X.nii.gz", "label": "./labelsTr/X.nii.gz"}, ...], ``test`` [paths]) with ONE
+    file per case holding every channel along the 4th axis (no ``_0000`` suffix). ``Case.channels`` repeats
+    that file and ``Case.frames`` gives the 4th-axis index of each channel (None for single-channel 3D
+    files); MRI channels are selected and ordered by ``modalities`` as in ``brats``. Label ``unhealthy``,
+    mask the ``labelsTr`` file; ``test`` cases have no mask and split ``test``.
 ``npz``
     MedMNIST-style ``.npz``: ``train_images``/``train_labels`` (and ``val_``, ``test_``), images
     [N, H, W] or [N, H, W, C] uint8. Labels: one 0/1 column -> label ``label``; several columns
@@ -39,19 +46,15 @@ Kinds (``LAYOUT_KINDS``):
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from medcfx.data.io import (
     IMAGE_SUFFIXES,
-    VOLUME_SUFFIXES,
     is_image_file,
     is_volume_file,
     strip_suffix,
@@ -59,16 +62,16 @@ from medcfx.data.io import (
 )
 from medcfx.errors import MedcfxError, UsageError
 
-LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "npz")
+LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "decathlon", "npz")
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SPLITS = ("train", "val", "test")
 
 # every spelling of a modality that medcfx maps onto the canonical names (case-insensitive)
 MODALITY_ALIASES = {
-    "t1": ("t1", "t1n", "t1w", "t1-native"),
-    "t1ce": ("t1ce", "t1c", "t1gd", "t1-gd", "t1post", "t1-ce", "t1wce"),
+    "t1": ("t1", "t1n", "t1w", "t1-native", "t1_native"),
+    "t1ce": ("t1ce", "t1c", "t1gd", "t1-gd", "t1_gd", "t1post", "t1-ce", "t1_ce", "t1wce", "t1c+"),
     "t2": ("t2", "t2w"),
-    "flair": ("flair", "t2f", "t2-flair", "t2flair"),
+    "flair": ("flair", "t2f", "t2-flair", "t2_flair", "t2flair"),
 }
 _ALIAS_TO_CANON = {alias: canon for canon, aliases in MODALITY_ALIASES.items() for alias in aliases}
 
@@ -107,7 +110,9 @@ class Case:
     ``labels`` maps label name -> 1.0 / 0.0 / NaN (unlabelled). ``grade`` is NaN when absent. ``bbox`` maps a
     label name -> (x0, y0, x1, y1) in pixel coordinates of the original image. ``mask_empty`` marks an
     image known to have no lesion (a normal image in a layout with masks). ``item`` addresses a row in an
-    array file (npz: ``("train", 17)``).
+    array file (npz: ``("train", 17)``). ``frames`` (decathlon) gives, per channel, its index along the 4th
+    axis of a 4D file (read with ``read_volume(channels[i], frame=frames[i])``); None when each channel
+    file is 3D.
     """
 
     id: str
@@ -119,6 +124,7 @@ class Case:
     split: str | None = None
     item: tuple[str, int] | None = None
     mask_empty: bool = False
+    frames: list[int] | None = None  # 4th-axis index of each channel in its file; None: 3D channel files
 
     @property
     def has_mask(self) -> bool:
@@ -164,7 +170,7 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".") and not p.name.startswith("_")
 
 
-def _listdir(path: Path) -> list[Path]:
+def list_visible(path: Path) -> list[Path]:
     try:
         return sorted(p for p in path.iterdir() if _visible(p))
     except OSError as exc:
@@ -172,7 +178,7 @@ def _listdir(path: Path) -> list[Path]:
 
 
 def _brats_files(folder: Path) -> list[Path]:
-    return [p for p in _listdir(folder) if p.is_file() and is_volume_file(p) and _BRATS_SUFFIX.match(strip_suffix(p))]
+    return [p for p in list_visible(folder) if p.is_file() and is_volume_file(p) and _BRATS_SUFFIX.match(strip_suffix(p))]
 
 
 def detect_kind(path: str | Path) -> str:
@@ -187,14 +193,18 @@ def detect_kind(path: str | Path) -> str:
         if suf == ".csv":
             return "csv"
         if path.name == "dataset.json":
-            return "nnunet"
+            from medcfx.data.layouts_nnunet import is_decathlon
+
+            return "decathlon" if is_decathlon(path.parent) else "nnunet"
         raise MedcfxError(f"{path}: a dataset is a folder, a labels.csv or a .npz file, not a {suf or 'suffix-less'} file")
-    entries = _listdir(path)
+    entries = list_visible(path)
     if not entries:
         raise MedcfxError(f"{path}: folder is empty")
     names = {p.name for p in entries}
     if "dataset.json" in names and "imagesTr" in names:
-        return "nnunet"
+        from medcfx.data.layouts_nnunet import is_decathlon
+
+        return "decathlon" if is_decathlon(path) else "nnunet"
     if "labels.csv" in names:
         return "csv"
     if ("normal" in names and (path / "normal").is_dir()) or ("abnormal" in names and (path / "abnormal").is_dir()):
@@ -211,7 +221,7 @@ def detect_kind(path: str | Path) -> str:
         return "folder"  # a plain folder of images: unlabelled (unsupervised training)
     raise MedcfxError(
         f"{path}: no known dataset layout found; expected BraTS case folders (<case>/<case>_t1.nii.gz ...), "
-        "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net folder (dataset.json + imagesTr/) or a .npz"
+        "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net or Decathlon folder (dataset.json + imagesTr/) or a .npz"
     )
 
 
@@ -221,7 +231,11 @@ def detect_layout(path: str | Path, modalities: Sequence[str] | None = None) -> 
 
 
 def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = None) -> Layout:
-    """Scan ``path`` as layout ``kind``. ``modalities`` selects and orders MRI channels (brats, nnunet)."""
+    """Scan ``path`` as layout ``kind``. ``modalities`` selects and orders MRI channels (brats, nnunet, decathlon).
+
+    Returns a :class:`Layout` (its ``problems`` list every problem found). Errors (MedcfxError): unknown
+    kind (UsageError), no such path, a structure the kind cannot read at all (no dataset.json, ...).
+    """
     path = Path(path)
     if kind not in LAYOUT_KINDS:
         raise UsageError(f"unknown layout kind {kind!r}; choose one of: {', '.join(LAYOUT_KINDS)}")
@@ -235,8 +249,16 @@ def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = 
     if kind == "csv":
         return _scan_csv(path)
     if kind == "nnunet":
-        return _scan_nnunet(path, mods)
-    return _scan_npz(path)
+        from medcfx.data.layouts_nnunet import scan_nnunet
+
+        return scan_nnunet(path, mods)
+    if kind == "decathlon":
+        from medcfx.data.layouts_nnunet import scan_decathlon
+
+        return scan_decathlon(path, mods)
+    from medcfx.data.layouts_npz import scan_npz
+
+    return scan_npz(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +274,7 @@ def _scan_brats(path: Path, modalities: tuple[str, ...]) -> Layout:
         case_dirs = [path]
         root = path
     else:
-        entries = _listdir(path)
+        entries = list_visible(path)
         if not entries:
             raise MedcfxError(f"{path}: folder is empty")
         case_dirs = [p for p in entries if p.is_dir()]
@@ -263,7 +285,7 @@ def _scan_brats(path: Path, modalities: tuple[str, ...]) -> Layout:
     cases: list[Case] = []
     no_seg = []
     for d in case_dirs:
-        files = _listdir(d)
+        files = list_visible(d)
         found: dict[str, list[Path]] = {}
         for f in files:
             if not f.is_file() or not is_volume_file(f):
@@ -314,7 +336,7 @@ def _scan_brats(path: Path, modalities: tuple[str, ...]) -> Layout:
 
 def _image_files(folder: Path, problems: list[str]) -> list[Path]:
     out = []
-    for p in _listdir(folder):
+    for p in list_visible(folder):
         if p.is_dir():
             continue
         if is_image_file(p):
@@ -506,216 +528,3 @@ def _scan_csv(path: Path) -> Layout:
     if not label_cols:
         info.append(f"{csv_path.name}: no label columns")
     return Layout("csv", base, cases, ["image"], label_cols, problems, info, dims=2, extra_files=[csv_path])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# nnU-Net raw
-
-
-def _scan_nnunet(path: Path, modalities: tuple[str, ...]) -> Layout:
-    root = path.parent if path.is_file() else path
-    js = root / "dataset.json"
-    if not js.is_file():
-        raise MedcfxError(f"{root}: no dataset.json (an nnU-Net raw dataset needs dataset.json and imagesTr/)")
-    try:
-        meta = json.loads(js.read_text())
-    except (OSError, ValueError) as exc:
-        raise MedcfxError(f"cannot read {js}: {type(exc).__name__}: {exc}") from None
-    names = meta.get("channel_names", meta.get("modality"))
-    if not isinstance(names, dict) or not names:
-        raise MedcfxError(f"{js}: needs a 'channel_names' (or 'modality') mapping like {{\"0\": \"T1\"}}")
-    try:
-        order = sorted(names, key=lambda k: int(k))
-    except ValueError:
-        raise MedcfxError(f"{js}: channel_names keys must be channel numbers \"0\", \"1\", ...") from None
-    channel_names = [str(names[k]) for k in order]
-    channel_ids = [int(k) for k in order]
-    ending = meta.get("file_ending", ".nii.gz")
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    problems: list[str] = []
-    info: list[str] = []
-    if not images_dir.is_dir():
-        raise MedcfxError(f"{root}: no imagesTr/ folder")
-    pat = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
-    found: dict[str, dict[int, Path]] = {}
-    for f in _listdir(images_dir):
-        if not f.is_file():
-            continue
-        if not f.name.endswith(ending):
-            problems.append(f"{f}: file does not end in {ending} (dataset.json file_ending)")
-            continue
-        m = pat.match(f.name[: -len(ending)])
-        if not m:
-            problems.append(f"{f}: name is not <case>_XXXX{ending}")
-            continue
-        found.setdefault(m.group("case"), {})[int(m.group("ch"))] = f
-    if not found:
-        problems.append(f"{images_dir}: no images")
-    # MRI channel names (T1, T1Gd, FLAIR ...) are selected and ordered by `modalities`; otherwise all channels
-    canon = [canonical_modality(n) for n in channel_names]
-    if all(c is not None for c in canon) and len(set(canon)) == len(canon):
-        missing = [m for m in modalities if m not in canon]
-        if missing:
-            problems.append(f"{js}: no channel for modality {', '.join(missing)} (channels: {', '.join(channel_names)})")
-            select = [channel_ids[canon.index(m)] for m in modalities if m in canon]
-            channels = [m for m in modalities if m in canon]
-        else:
-            select = [channel_ids[canon.index(m)] for m in modalities]
-            channels = list(modalities)
-    else:
-        select, channels = channel_ids, channel_names
-        info.append(f"channels {', '.join(channel_names)} are not all MRI modalities: all are used, in dataset.json order")
-    dims = 2 if ending.lower() in (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg") else 3
-    if dims == 3 and ending not in VOLUME_SUFFIXES:
-        raise MedcfxError(f"{js}: file_ending {ending} not supported (use .nii.gz, .nii or .png)")
-    cases = []
-    for case_id in sorted(found):
-        chans = found[case_id]
-        absent = [f"{i:04d}" for i in channel_ids if i not in chans]
-        if absent:
-            problems.append(f"{images_dir}: case {case_id} is missing channel file(s) {', '.join(f'{case_id}_{a}{ending}' for a in absent)}")
-            continue
-        extra = sorted(set(chans) - set(channel_ids))
-        if extra:
-            problems.append(f"{images_dir}: case {case_id} has channel(s) {extra} not in dataset.json")
-        seg = labels_dir / f"{case_id}{ending}"
-        mask = seg if seg.is_file() else None
-        cases.append(Case(id=case_id, channels=[chans[i] for i in select], mask=mask, labels={"unhealthy": math.nan}))
-    if labels_dir.is_dir():
-        known = set(found)
-        for f in _listdir(labels_dir):
-            if f.is_file() and f.name.endswith(ending) and f.name[: -len(ending)] not in known:
-                problems.append(f"{f}: label without images in imagesTr/")
-        no_label = [c.id for c in cases if c.mask is None]
-        if no_label:
-            info.append(f"{len(no_label)} case(s) without a label file: {', '.join(no_label[:5])}")
-    return Layout("nnunet", root, cases, channels, ["unhealthy"], problems, info, dims=dims, extra_files=[js])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MedMNIST-style npz
-
-
-def _read_npy_header(fh, path: Path, key: str):
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fh)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fh)
-    raise MedcfxError(f"{path}: array {key} uses .npy format version {version} (supported: 1.0, 2.0)")
-
-
-def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of array ``key`` inside an .npz without reading its data (or pickle)."""
-    with zipfile.ZipFile(path) as zf:
-        with zf.open(f"{key}.npy") as fh:
-            shape, fortran, dtype = _read_npy_header(fh, path, key)
-    if dtype.hasobject:
-        raise MedcfxError(f"{path}: array {key} holds Python objects (refused: no pickle)")
-    if fortran:
-        raise MedcfxError(f"{path}: array {key} is stored in Fortran order (not supported)")
-    return tuple(shape), dtype
-
-
-def iter_npz_rows(path: Path, key: str, chunk: int = 1024):
-    """Yield (start, rows) chunks of array ``key`` of an .npz, streaming: memory bounded by ``chunk`` rows."""
-    shape, dtype = npz_member_header(path, key)
-    row_items = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    row_bytes = row_items * dtype.itemsize
-    with zipfile.ZipFile(path) as zf:
-        with zf.open(f"{key}.npy") as fh:
-            _read_npy_header(fh, path, key)
-            start = 0
-            while start < shape[0]:
-                n = min(chunk, shape[0] - start)
-                buf = fh.read(n * row_bytes)
-                if len(buf) != n * row_bytes:
-                    raise MedcfxError(f"cannot read {path}: array {key} is truncated")
-                yield start, np.frombuffer(buf, dtype=dtype).reshape((n,) + tuple(shape[1:]))
-                start += n
-
-
-def read_npz_array(path: Path, key: str) -> np.ndarray:
-    """A whole (small) array of an .npz, without pickle."""
-    parts = [rows for _, rows in iter_npz_rows(path, key, chunk=1 << 16)]
-    shape, dtype = npz_member_header(path, key)
-    return np.concatenate(parts) if parts else np.zeros(shape, dtype)
-
-
-def _scan_npz(path: Path) -> Layout:
-    if path.is_dir():
-        npz = [p for p in _listdir(path) if p.is_file() and suffix_of(p) == ".npz"]
-        if len(npz) != 1:
-            raise MedcfxError(f"{path}: expected exactly one .npz file, found {len(npz)}")
-        path = npz[0]
-    try:
-        with zipfile.ZipFile(path) as zf:
-            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise MedcfxError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    problems: list[str] = []
-    info: list[str] = []
-    splits = [s for s in SPLITS if f"{s}_images" in keys]
-    if not splits:
-        raise MedcfxError(f"{path}: no train_images / val_images / test_images arrays (found: {', '.join(keys) or 'none'})")
-    label_arrays: dict[str, np.ndarray] = {}
-    shapes: dict[str, tuple] = {}
-    for s in splits:
-        try:
-            shape, dtype = npz_member_header(path, f"{s}_images")
-        except MedcfxError:
-            raise
-        except Exception as exc:
-            raise MedcfxError(f"cannot read {path}: array {s}_images: {type(exc).__name__}: {exc}") from None
-        shapes[s] = shape
-        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
-            problems.append(f"{path}: {s}_images has shape {shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3")
-        if dtype.kind not in "biuf":
-            problems.append(f"{path}: {s}_images has dtype {dtype}; expected numbers")
-        if f"{s}_labels" in keys:
-            try:
-                lab = read_npz_array(path, f"{s}_labels")
-            except MedcfxError:
-                raise
-            except Exception as exc:
-                raise MedcfxError(f"cannot read {path}: array {s}_labels: {type(exc).__name__}: {exc}") from None
-            lab = lab.reshape(lab.shape[0], -1) if lab.ndim != 2 else lab
-            if lab.shape[0] != shape[0]:
-                problems.append(f"{path}: {s}_labels has {lab.shape[0]} rows but {s}_images has {shape[0]}")
-            label_arrays[s] = lab
-        else:
-            info.append(f"{path.name}: no {s}_labels (unlabelled)")
-    widths = {a.shape[1] for a in label_arrays.values()}
-    if len(widths) > 1:
-        problems.append(f"{path}: label arrays have different widths {sorted(widths)}")
-    width = widths.pop() if len(widths) == 1 else 1
-    maxval = max((float(np.nanmax(a)) for a in label_arrays.values() if a.size), default=1.0)
-    multiclass = width == 1 and maxval > 1
-    if multiclass:
-        ncls = int(maxval) + 1
-        label_names = [f"class_{i}" for i in range(ncls)]
-    elif width == 1:
-        label_names = ["label"]
-    else:
-        label_names = [f"label_{i}" for i in range(width)]
-    for s, a in label_arrays.items():
-        if a.size and (a.min() < 0 or not np.all(np.equal(np.mod(a, 1), 0))):
-            problems.append(f"{path}: {s}_labels must hold non-negative integers")
-        elif not multiclass and a.size and a.max() > 1:
-            problems.append(f"{path}: {s}_labels (multi-label) must hold 0/1")
-    cases: list[Case] = []
-    for s in splits:
-        lab = label_arrays.get(s)
-        for i in range(shapes[s][0]):
-            labels: dict[str, float]
-            grade = math.nan
-            if lab is None or problems:
-                labels = {n: math.nan for n in label_names}
-            elif multiclass:
-                k = int(lab[i, 0])
-                labels = {n: float(j == k) for j, n in enumerate(label_names)}
-                grade = float(k)
-            else:
-                labels = {n: float(lab[i, j]) for j, n in enumerate(label_names)}
-            cases.append(Case(id=f"{s}/{i:06d}", channels=[path], labels=labels, grade=grade, split=s, item=(s, i)))
-    return Layout("npz", path.parent, cases, ["image"], label_names, problems, info, dims=2, extra_files=[path])
