@@ -1,7 +1,8 @@
 """Inputs of ``explain``: files and folders as users have them -> model slices, and outputs written back.
 
 An input may be a BraTS case folder (or a folder of cases, or any dataset layout medcfx reads), a NIfTI
-volume (one channel), or a PNG/JPEG/TIFF/DICOM/npy image. Each becomes one or more :class:`InputCase`:
+volume or a DICOM series folder (one channel), or a PNG/JPEG/TIFF/DICOM/npy image; every command reads it
+through the same functions (:func:`load_cases`, :func:`load_image`). Each becomes one or more :class:`InputCase`:
 model slices preprocessed exactly as training slices are (``medcfx.data.preprocess``), plus the geometry
 that maps any per-slice output back onto the input's own grid (NIfTI outputs keep the input's affine and
 header; 2D outputs keep the input's pixel size).
@@ -16,21 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
-from medcfx.data.io import write_nifti
+from medcfx.data.io import SUPPORTED_SUFFIXES, is_dicom_file, is_image_file, is_volume_file, strip_suffix, write_nifti
 from medcfx.data.layouts import Case, Layout, detect_layout
+from medcfx.data.geometry import check_min_side
 from medcfx.data.preprocess import CaseResult, PreprocessConfig, process_image_case, process_volume_case
 from medcfx.errors import MedcfxError, UsageError
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".npy")
-
-
 @dataclass
 class InputCase:
+    """One input case preprocessed for a model; refused (MedcfxError) when smaller than ``MIN_SIDE`` in-plane."""
+
     id: str
     source: Path
     channels: list[str]
     result: CaseResult  # images [n, C, S, S], masks, slice_index, geometry, affine, ref
+
+    def __post_init__(self) -> None:
+        check_min_side(self.result.geometry.plane, str(self.source if self.source.is_file() else f"{self.source} ({self.id})"))
 
     @property
     def images(self) -> np.ndarray:
@@ -45,11 +48,17 @@ class InputCase:
         return self.result.slice_index
 
     @property
+    def notes(self) -> list[str]:
+        """What reading and scaling changed or assumed (reorientation, a z-scored channel, MONOCHROME1 ...)."""
+        return list(self.result.notes)
+
+    @property
     def is_volume(self) -> bool:
         return not self.result.geometry.is_2d
 
     def select(self, slice_k: int | None) -> "InputCase":
-        """Keep only original slice ``slice_k`` (volumes); None keeps every slice."""
+        """Keep only slice ``slice_k`` (volumes; an axial index of the volume reoriented to RAS+, counted from
+        inferior); None keeps every slice."""
         if slice_k is None:
             return self
         if not self.is_volume:
@@ -70,33 +79,72 @@ class InputCase:
         return self.result.geometry.to_original(slices, fill=fill, index=self.slice_index)
 
 
-def _single_file_case(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
-    name = path.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+def _dicom_series_folder(path: Path) -> bool:
+    """A folder whose visible files are all DICOM (by their DICM marker): one series, read as a volume."""
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(is_dicom_file(p) for p in files)
+
+
+def _single_volume_case(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
+    """A one-channel volume: a NIfTI file or a DICOM series folder."""
+    stem = strip_suffix(path) if path.is_file() else path.name
+    if channels != 1:
+        raise MedcfxError(f"{path}: a single volume holds one channel but the model expects {channels}; give a "
+                          f"case folder with one file per modality (or a 4D Decathlon dataset)")
     case = Case(id=stem, channels=[path])
-    if name.lower().endswith(VOLUME_SUFFIXES):
-        if channels != 1:
-            raise MedcfxError(f"{path}: a NIfTI file holds one channel but the model expects {channels}; "
-                              f"give a case folder with one file per modality")
-        layout = Layout(kind="nifti", root=path.parent, cases=[case], channels=["image"], label_names=[], dims=3)
-        return InputCase(stem, path, ["image"], process_volume_case(case, layout, cfg))
-    if name.lower().endswith(IMAGE_SUFFIXES):
-        from medcfx.data.io import read_image
-
-        have = read_image(path).shape[0]
-        if have != channels and not {have, channels} == {1, 3}:
-            raise MedcfxError(f"{path}: the image has {have} channel(s) but the model expects {channels}")
-        layout = Layout(kind="image", root=path.parent, cases=[case], channels=["image"], label_names=[], dims=2)
-        return InputCase(stem, path, [f"c{i}" for i in range(channels)], process_image_case(case, layout, cfg, channels))
-    raise UsageError(f"{path}: unsupported input type (volumes: {', '.join(VOLUME_SUFFIXES)}; "
-                     f"images: {', '.join(IMAGE_SUFFIXES)}; or a case folder)")
+    layout = Layout(kind="volume", root=path.parent, cases=[case], channels=["image"], label_names=[], dims=3)
+    return InputCase(stem, path, ["image"], process_volume_case(case, layout, cfg))
 
 
-def load_cases(path: Path, cfg: PreprocessConfig, channels: int) -> list[InputCase]:
-    """Every case of ``path`` preprocessed for a model with ``channels`` input channels."""
+def _single_image_case(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
+    """A 2D image file (any format :func:`medcfx.data.io.read_image` reads); grey <-> RGB converted."""
+    case = Case(id=strip_suffix(path), channels=[path])
+    layout = Layout(kind="image", root=path.parent, cases=[case], channels=["image"], label_names=[], dims=2)
+    res = process_image_case(case, layout, cfg, channels)
+    return InputCase(case.id, path, [f"c{i}" for i in range(channels)], res)
+
+
+def load_image(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
+    """One 2D image as every command reads it (explain, predict, grade): the model slice is
+    ``.images[0]`` (float32 [C, S, S] in [-1, 1]); ``.result.notes`` says what the readers changed.
+
+    Raises MedcfxError (one line, naming the file) for a volume, an unreadable or too small image.
+    """
     path = Path(path)
+    if path.is_dir() or is_volume_file(path):
+        raise MedcfxError(f"{path}: a volume where a 2D image is expected")
+    if not path.exists():
+        raise MedcfxError(f"cannot read {path}: no such file")
+    return _single_image_case(path, cfg, channels)
+
+
+def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> list[InputCase]:
+    """Every case of ``path`` preprocessed for a model with ``channels`` input channels.
+
+    ``path``: a NIfTI file, a 2D image file (DICOM recognised by its DICM marker whatever its name), a DICOM
+    series folder, or any dataset layout ``medcfx data check`` recognises. ``log``: called with one line per
+    note of each case (what the readers changed or assumed), so the user sees it.
+    """
+    cases = _load_cases(Path(path), cfg, channels)
+    if log is not None:
+        for case in cases:
+            for note in case.notes:
+                log(f"note: {case.id}: {note}")
+    return cases
+
+
+def _load_cases(path: Path, cfg: PreprocessConfig, channels: int) -> list[InputCase]:
+    if not path.exists():
+        raise MedcfxError(f"{path}: no such file or folder")
     if path.is_file():
-        return [_single_file_case(path, cfg, channels)]
+        if is_volume_file(path):
+            return [_single_volume_case(path, cfg, channels)]
+        if is_image_file(path):
+            return [_single_image_case(path, cfg, channels)]
+        raise UsageError(f"{path}: unsupported input type (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM files "
+                         f"of any name, a DICOM series folder, or a case folder)")
+    if _dicom_series_folder(path):
+        return [_single_volume_case(path, cfg, channels)]
     layout = detect_layout(path, modalities=list(cfg.modalities))
     if layout.problems:
         raise MedcfxError(f"{path}: {layout.problems[0]} ({len(layout.problems)} problem(s); run `medcfx data check {path}`)")

@@ -318,10 +318,29 @@ class Entry:
         return cls(name=name, version=version, method=data["method"], created=str(created),
                    artifacts={r: {"path": a["path"], "sha256": a["sha256"], "bytes": a["bytes"]}
                               for r, a in artifacts.items()},
-                   config=copy.deepcopy(data.get("config") or {}),
+                   config=replay_intensity_rule(copy.deepcopy(data.get("config") or {})),
                    provenance=copy.deepcopy(data.get("provenance") or {}),
                    metrics=copy.deepcopy(data.get("metrics") or {}),
                    tags=list(tags), parent=parent, extra=extra, bundled=bundled)
+
+
+def replay_intensity_rule(config: Any) -> Any:
+    """Fill ``intensity: legacy`` into every ``preprocess`` mapping of an entry's config that records no rule.
+
+    Models registered before the intensity rule was recorded (:mod:`medcfx.data.intensity`) saw 8-bit
+    images divided by 255 and every other image scaled by its percentile: the ``legacy`` rule replays
+    exactly that. Returns ``config`` (modified in place).
+    """
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "preprocess" and isinstance(value, dict):
+                value.setdefault("intensity", "legacy")
+            else:
+                replay_intensity_rule(value)
+    elif isinstance(config, list):
+        for value in config:
+            replay_intensity_rule(value)
+    return config
 
 
 # -------------------------------------------------------------------------------------------- Registry

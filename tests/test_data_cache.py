@@ -13,7 +13,8 @@ from test_data_helpers import truncate_gzip, write_brats, write_png
 
 import medcfx.data.io as dio
 from medcfx.data import cache as cachemod
-from medcfx.data.preprocess import PreprocessConfig, SliceSet, prepare
+from medcfx.data.preprocess import PreprocessConfig, prepare
+from medcfx.data.sliceset import PREPROCESS_VERSION, SliceSet
 from medcfx.errors import MedcfxError
 
 
@@ -109,7 +110,7 @@ def test_nan_in_a_case_leaves_nothing_and_old_entries_survive(tmp_path, home):
     with pytest.raises(MedcfxError, match=r"BraTS_002_t1\.nii\.gz: holds 1 NaN"):
         prepare(root, PreprocessConfig(size=8))
     assert _entries(home / "cache") == [good.path.name]
-    assert len(cachemod.open_entry(good.path, 1)[0]["cases"]) == 3
+    assert len(cachemod.open_entry(good.path, PREPROCESS_VERSION)[0]["cases"]) == 3
 
 
 def test_index_not_matching_arrays_is_rebuilt(tmp_path, home, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from conftest import cli_env, run_cli
-from test_data_helpers import truncate_gzip, write_brats, write_brats_case, write_nii, write_png
+from test_data_helpers import affine_for, truncate_gzip, write_brats, write_brats_case, write_nii, write_png
 from typer.testing import CliRunner
 
 from medcfx.data.check import check
@@ -35,7 +35,7 @@ def _broken_brats(root):
     # 5: truncated gzip
     truncate_gzip(root / "BraTS_005" / "BraTS_005_t2.nii.gz", 0.5)
     # 6: a case without any lesion: info, not a problem
-    write_nii(root / "BraTS_006" / "BraTS_006_seg.nii.gz", np.zeros((24, 20, 12), np.uint8))
+    write_nii(root / "BraTS_006" / "BraTS_006_seg.nii.gz", np.zeros((24, 20, 12), np.uint8), affine_for(6))
     return root
 
 
@@ -46,8 +46,8 @@ def test_check_lists_every_problem_at_once(tmp_path):
     text = "\n".join(r.problems)
     assert "BraTS_001 is missing modality t2" in text
     assert "BraTS_002_t1.nii.gz: holds 1 NaN" in text
-    assert "BraTS_003_flair.nii.gz: expected a 3D volume, got shape (24, 20, 12, 2) (4D)" in text
-    assert "case BraTS_004: modalities have different shapes" in text and "t1ce (24, 20, 10)" in text
+    assert "BraTS_003_flair.nii.gz: expected a 3D volume, got shape (24, 20, 12, 2) (4D" in text
+    assert "case BraTS_004: t1ce (BraTS_004_t1ce.nii.gz) is not on the grid of t1" in text and "(24, 20, 10)" in text
     assert "cannot read" in text and "BraTS_005_t2.nii.gz" in text
     assert len(r.problems) == 5, r.problems
     assert any("BraTS_006" in i and "without any lesion" in i for i in r.info)

@@ -17,14 +17,9 @@ from test_data_helpers import (
     write_png,
 )
 
-from medcfx.data.preprocess import (
-    PreprocessConfig,
-    SliceGeometry,
-    mask_from_fraction,
-    prepare,
-    resize_matrix,
-    scale_image,
-)
+from medcfx.data.geometry import SliceGeometry, mask_from_fraction, resize_matrix
+from medcfx.data.intensity import scale_image
+from medcfx.data.preprocess import PreprocessConfig, prepare
 from medcfx.errors import MedcfxError, UsageError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,7 +262,7 @@ def test_shape_mismatch_between_modalities(tmp_path, home):
     root = write_brats(tmp_path / "b", n=1)
     f = root / "BraTS_000" / "BraTS_000_t2.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((24, 20, 11), np.float32), np.eye(4)), str(f))
-    with pytest.raises(MedcfxError, match=r"case BraTS_000: modalities have different shapes: .*t2 \(24, 20, 11\)"):
+    with pytest.raises(MedcfxError, match=r"case BraTS_000: t2 \(BraTS_000_t2.nii.gz\) is not on the grid of t1 .*shape \(24, 20, 12\) vs \(24, 20, 11\)"):
         prepare(root, PreprocessConfig(size=8))
 
 
@@ -294,14 +289,35 @@ def test_config_validation_and_from_dict():
 
 
 def test_scale_image_rules():
+    """Each rule against its formula computed here with numpy (percentile: numpy's linear interpolation)."""
     x = np.arange(256, dtype=np.float32).reshape(1, 16, 16)
-    np.testing.assert_allclose(scale_image(x, {"integer": True, "bit_depth": 8}), x / 255)
+    eight = {"integer": True, "bit_depth": 8}
+    p8 = np.percentile(x, 99)
+    np.testing.assert_allclose(scale_image(x, eight), np.clip(x / p8, 0, 1), rtol=1e-6)  # percentile (default)
+    np.testing.assert_allclose(scale_image(x, eight, "legacy"), x / 255)
+    np.testing.assert_allclose(scale_image(x, eight, "nominal"), x / 255)
     y = np.random.default_rng(0).integers(0, 4000, (1, 20, 20)).astype(np.float32)
+    sixteen = {"integer": True, "bit_depth": 16}
     p = np.percentile(y, 99)
-    np.testing.assert_allclose(scale_image(y, {"integer": True, "bit_depth": 16}), np.clip(y / p, 0, 1), rtol=1e-6)
+    for rule in ("percentile", "legacy"):
+        np.testing.assert_allclose(scale_image(y, sixteen, rule), np.clip(y / p, 0, 1), rtol=1e-6)
+    meta = dict(sixteen)
+    np.testing.assert_allclose(scale_image(y, meta, "nominal"), y / 65535, rtol=1e-6)
+    assert any("less than 1/16 of its 16-bit range" in n for n in meta["notes"])  # 4000 < 65535 / 16: said
     ct = np.random.default_rng(1).uniform(-1000, 2000, (1, 10, 10)).astype(np.float32)
     lo, hi = ct.min(), np.percentile(ct, 99)
     np.testing.assert_allclose(scale_image(ct, {"integer": False}), np.clip((ct - lo) / (hi - lo), 0, 1), rtol=1e-5, atol=1e-6)
+    # CT in HU: the fixed window, whatever the image's own range; VOI: over the window's output range
+    np.testing.assert_allclose(scale_image(ct, {"hu": True}), np.clip((ct + 1024) / 4095, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(scale_image(ct, {"voi_range": (-500, 1500)}), np.clip((ct + 500) / 2000, 0, 1), rtol=1e-5, atol=1e-6)
+    # padding pixels: out of the percentile and 0 in the result
+    pad = np.zeros((10, 10), bool)
+    pad[:2] = True
+    ctp = ct.copy()
+    ctp[0, pad] = -3000
+    lo, hi = ctp[0, ~pad].min(), np.percentile(ctp[0, ~pad], 99)
+    want = np.where(pad, 0, np.clip((ctp - lo) / (hi - lo), 0, 1))
+    np.testing.assert_allclose(scale_image(ctp, {"padding": pad}), want, rtol=1e-5, atol=1e-6)
 
 
 def test_prepare_folder_8bit_and_16bit_with_masks(tmp_path, home):
@@ -313,7 +329,7 @@ def test_prepare_folder_8bit_and_16bit_with_masks(tmp_path, home):
     m = np.zeros((30, 20), np.uint8)
     m[10:12, 4:6] = 255
     write_png(tmp_path / "masks" / "a.png", m)
-    ss = prepare(tmp_path, PreprocessConfig(size=10))
+    ss = prepare(tmp_path, PreprocessConfig(size=10, intensity="legacy"))
     assert ss.channels == ["grey"] and ss.label_names == ["abnormal"] and len(ss) == 2
     by = {ss.case_ids[i]: i for i in range(len(ss))}
     i, j = by["normal/n.png"], by["abnormal/a.png"]
@@ -334,7 +350,7 @@ def test_prepare_csv_rgb_grade_bbox_split(tmp_path, home):
     write_png(tmp_path / "i" / "a.png", rgb)
     write_png(tmp_path / "i" / "b.png", rng.integers(0, 256, (20, 40), dtype=np.uint8))  # grey -> RGB
     (tmp_path / "labels.csv").write_text("file,nodule,grade,split,bbox_nodule\ni/a.png,1,2,train,4;2;12;8\ni/b.png,,,test,\n")
-    ss = prepare(tmp_path, PreprocessConfig(size=20))
+    ss = prepare(tmp_path, PreprocessConfig(size=20, intensity="nominal"))
     assert ss.channels == ["red", "green", "blue"] and ss.images.shape == (2, 3, 20, 20)
     np.testing.assert_allclose(np.asarray(ss.images[0]), area_resize_ref(pad_square_ref(np.moveaxis(rgb, -1, 0) / 255.0), 20) * 2 - 1, atol=1e-5)
     img1 = np.asarray(ss.images[1])
@@ -346,7 +362,7 @@ def test_prepare_csv_rgb_grade_bbox_split(tmp_path, home):
     assert np.isnan(ss.bbox["nodule"][1]).all()
     assert list(ss.split) == ["train", "test"]
     assert len(ss.split_subset("test")) == 1
-    grey = prepare(tmp_path, PreprocessConfig(size=20, image_channels=1))
+    grey = prepare(tmp_path, PreprocessConfig(size=20, image_channels=1, intensity="nominal"))
     assert grey.channels == ["grey"]
     r, g_, b = np.moveaxis(rgb, -1, 0) / 255.0
     np.testing.assert_allclose(np.asarray(grey.images[0, 0]), area_resize_ref(pad_square_ref(0.299 * r + 0.587 * g_ + 0.114 * b), 20) * 2 - 1, atol=1e-5)
@@ -357,7 +373,7 @@ def test_prepare_npz_streams_rows(tmp_path, home):
     imgs = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
     np.savez_compressed(tmp_path / "m.npz", train_images=imgs[:5], train_labels=np.array([[0], [1], [1], [0], [1]]),
                         val_images=imgs[5:], val_labels=np.array([[1], [0]]))
-    ss = prepare(tmp_path / "m.npz", PreprocessConfig(size=14))
+    ss = prepare(tmp_path / "m.npz", PreprocessConfig(size=14, intensity="nominal"))
     assert len(ss) == 7 and ss.channels == ["grey"]
     np.testing.assert_allclose(np.asarray(ss.images[:, 0]), imgs.reshape(7, 14, 2, 14, 2).mean(axis=(2, 4)) / 255 * 2 - 1, atol=1e-5)
     assert ss.labels[:, 0].tolist() == [0, 1, 1, 0, 1, 1, 0]
@@ -424,7 +440,7 @@ def test_prepare_nnunet_3d_and_2d(tmp_path, home):
     lab2 = np.zeros((8, 8), np.uint8)
     lab2[2, 3] = 1
     write_png(r2 / "labelsTr" / "k.png", lab2)
-    ss2 = prepare(r2, PreprocessConfig(size=8))
+    ss2 = prepare(r2, PreprocessConfig(size=8, intensity="nominal"))
     assert ss2.channels == ["a", "b"] and ss2.images.shape == (1, 2, 8, 8)
     np.testing.assert_allclose(np.asarray(ss2.images[0]), np.stack([a, b]) / 255 * 2 - 1, atol=1e-5)
     assert ss2.labels[0, 0] == 1 and np.asarray(ss2.masks[0])[2, 3] == 1 and np.asarray(ss2.masks[0]).sum() == 1

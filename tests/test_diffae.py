@@ -427,7 +427,9 @@ def test_cli_bad_inputs_one_line_nonzero(tiny, tmp_path):
     a[2, 3] = np.nan
     np.save(nan, a)
     out = tmp_path / "bad"
-    cases = [(["grade", rgb, "--model", "tiny-grader"], "expected an image with 1 channel(s), got 3"),
+    tiny_png = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(tiny_png)
+    cases = [(["grade", tiny_png, "--model", "tiny-grader"], "3 x 3 pixels; medcfx needs at least 16 x 16"),
              (["grade", nan, "--model", "tiny-grader"], "NaN"),
              (["grade", rgb, "--model", "no-such-model"], "unknown model 'no-such-model'"),
              (["grade", rgb, "--model", "tiny"], "cannot grade")]

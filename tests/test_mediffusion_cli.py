@@ -68,7 +68,7 @@ def models(home, tmp_path):
         paths[role] = files / f"{role}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(paths[role]))
     pp = {"size": 16, "modalities": ["t1", "t1ce", "t2", "flair"], "percentile": 99.0, "clip": True, "axis": 2,
-          "min_foreground": 0.05, "image_channels": 1}
+          "min_foreground": 0.05, "image_channels": 1, "intensity": "percentile"}
     reg = Registry(home, bundled=False)
     ae_cfg = {"network": AE_NET, "preprocess": pp, "scale_factor": 1.0, "latent_size": 8}
     reg.register("mediffusion-ae", "mediffusion-ae", {"weights": paths["ae"]}, config=ae_cfg)

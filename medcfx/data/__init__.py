@@ -7,23 +7,22 @@
     ss.write_case(case_id, heatmap_slices, "out.nii.gz")    # back on the input grid, input affine
 
 Modules: :mod:`~medcfx.data.io` (readers/writers), :mod:`~medcfx.data.layouts` (BraTS, image folders,
-labels.csv, nnU-Net, npz), :mod:`~medcfx.data.preprocess` (normalisation, geometry, SliceSet),
+labels.csv, nnU-Net, Decathlon, npz), :mod:`~medcfx.data.dicom` (DICOM files and series),
+:mod:`~medcfx.data.geometry` (orientation, grids, model slices),
+:mod:`~medcfx.data.intensity` (foreground, scaling rules), :mod:`~medcfx.data.preprocess` (the steps per case,
+``prepare``), :mod:`~medcfx.data.sliceset` (the cached SliceSet),
 :mod:`~medcfx.data.cache` (content-keyed atomic cache), :mod:`~medcfx.data.check` (report every problem),
 :mod:`~medcfx.data.cli` (``medcfx data``), :mod:`~medcfx.data.demo` (synthetic demo datasets).
 """
 
 from medcfx.data.cache import cache_root
 from medcfx.data.check import Report  # the function: medcfx.data.check.check (the name is the module's)
+from medcfx.data.dicom import read_dicom_image, read_dicom_series
 from medcfx.data.io import Image2D, Volume, read_any, read_image, read_volume, write_nifti
 from medcfx.data.layouts import LAYOUT_KINDS, Case, Layout, detect_layout, load_layout
-from medcfx.data.preprocess import (
-    PREPROCESS_VERSION,
-    PreprocessConfig,
-    SliceGeometry,
-    SliceSet,
-    prepare,
-    resize_matrix,
-)
+from medcfx.data.geometry import SliceGeometry, resize_matrix
+from medcfx.data.preprocess import PREPROCESS_VERSION, PreprocessConfig, prepare
+from medcfx.data.sliceset import SliceSet
 
 __all__ = [
     "Case",
@@ -41,6 +40,8 @@ __all__ = [
     "load_layout",
     "prepare",
     "read_any",
+    "read_dicom_image",
+    "read_dicom_series",
     "read_image",
     "read_volume",
     "resize_matrix",

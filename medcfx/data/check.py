@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medcfx.data.io import load_nifti_header, read_image, read_volume, spatial_shape
-from medcfx.data.layouts import Layout, detect_layout, load_layout, npz_member_header
+from medcfx.data.geometry import MIN_SIDE, axcodes
+from medcfx.data.io import read_image, read_volume
+from medcfx.data.layouts import Layout, detect_layout, load_layout
+from medcfx.data.layouts_npz import iter_npz_rows, npz_member_header
 from medcfx.errors import MedcfxError
 
 
@@ -114,41 +116,51 @@ def check(path: str | Path, kind: str | None = None, modalities=None) -> Report:
 
 
 def _check_volumes(layout: Layout, report: Report) -> None:
+    """Read every case as ``prepare`` does and report what it would refuse (one mechanism: the same
+    :func:`~medcfx.data.preprocess.load_volume_case` reader and
+    :func:`~medcfx.data.preprocess.volume_case_geometry` checks: one grid, a readable orientation, foreground)."""
+    from medcfx.data.preprocess import PreprocessConfig, volume_case_geometry
+
+    cfg = PreprocessConfig()
     shapes: Counter = Counter()
     spacings: Counter = Counter()
+    orientations: Counter = Counter()
     lesion = {"with lesion": 0, "without lesion": 0, "no segmentation": 0}
     no_lesion = []
+    notes: Counter = Counter()
     for case in layout.cases:
-        case_shapes = {}
-        readable = True
-        for name, f in zip(layout.channels, case.channels):
+        frames = getattr(case, "frames", None) or [None] * len(case.channels)
+        vols = []
+        for f, frame in zip(case.channels, frames):
             try:
-                img = load_nifti_header(f)
-                shape = spatial_shape(img.shape, f)
-                case_shapes[name] = shape
-                if name == layout.channels[0]:
-                    spacings[_fmt(tuple(round(float(z), 3) for z in img.header.get_zooms()[:3]))] += 1
-                read_volume(f)  # data: truncated gzip, NaN/inf
+                vols.append(read_volume(f, frame=frame) if frame is not None else read_volume(f))
             except MedcfxError as exc:
                 report.problems.append(str(exc))
-                readable = False
-        if len(set(case_shapes.values())) > 1:
-            desc = ", ".join(f"{n} {s}" for n, s in case_shapes.items())
-            report.problems.append(f"case {case.id}: modalities have different shapes: {desc} ({case.channels[0].parent})")
-        elif case_shapes and readable:
-            shapes[_fmt(next(iter(case_shapes.values())))] += 1
-        if case.mask is None:
-            lesion["no segmentation"] += 1
+        seg = None
+        if case.mask is not None:
+            try:
+                seg = read_volume(case.mask)
+            except MedcfxError as exc:
+                report.problems.append(str(exc))
+        if len(vols) != len(case.channels) or (case.mask is not None and seg is None):
             continue
         try:
-            seg = read_volume(case.mask)
+            geom, fg, case_notes = volume_case_geometry(case, list(layout.channels), vols, seg, cfg)
         except MedcfxError as exc:
-            report.problems.append(str(exc))
+            report.problems.append(f"{exc} ({case.channels[0].parent})" if str(case.channels[0].parent) not in str(exc) else str(exc))
             continue
-        ref = next(iter(case_shapes.values()), None)
-        if ref is not None and seg.shape != ref:
-            report.problems.append(f"case {case.id}: segmentation {case.mask.name} has shape {seg.shape}, images have {ref}")
-        if np.any(seg.data > 0):
+        for n in case_notes:
+            if not n.startswith("stored as "):  # orientations are summed up below
+                notes[n] += 1
+        shapes[_fmt(vols[0].shape)] += 1
+        spacings[_fmt(tuple(round(float(z), 3) for z in vols[0].zooms))] += 1
+        orientations[axcodes(vols[0].affine)] += 1
+        if min(geom.plane) < MIN_SIDE:
+            report.info.append(f"case {case.id}: slices of {geom.plane[0]} x {geom.plane[1]} pixels are below "
+                               f"{MIN_SIDE} x {MIN_SIDE}: explain refuses them")
+        if seg is None:
+            lesion["no segmentation"] += 1
+        elif np.any(seg.data > 0):
             lesion["with lesion"] += 1
         else:
             lesion["without lesion"] += 1
@@ -156,6 +168,12 @@ def _check_volumes(layout: Layout, report: Report) -> None:
     if no_lesion:
         report.info.append(f"{len(no_lesion)} case(s) without any lesion voxel: {', '.join(no_lesion[:5])}"
                            + (" ..." if len(no_lesion) > 5 else ""))
+    stored = {o: k for o, k in orientations.items() if o != "RAS"}
+    if stored:
+        report.info.append("stored orientation(s) " + ", ".join(f"{o} ({k} case(s))" for o, k in sorted(stored.items()))
+                           + ": reoriented to RAS+ before slicing; outputs are written back in the input's own order")
+    for n, k in notes.items():
+        report.info.append(f"{k} case(s): {n}")
     report.shapes = dict(shapes)
     report.spacings = dict(spacings)
     report.label_counts = {"cases": lesion}
@@ -164,6 +182,7 @@ def _check_volumes(layout: Layout, report: Report) -> None:
 def _check_images(layout: Layout, report: Report) -> None:
     shapes: Counter = Counter()
     notes: Counter = Counter()
+    small: list[str] = []
     for case in layout.cases:
         hw = None
         for f in case.channels:
@@ -173,6 +192,8 @@ def _check_images(layout: Layout, report: Report) -> None:
                 report.problems.append(str(exc))
                 continue
             hw = img.shape[1:]
+            if min(hw) < MIN_SIDE:
+                small.append(f.name)
             shapes[_fmt(img.shape[1:]) + f" ({img.shape[0]} ch, {img.meta['bit_depth']}-bit)"] += 1
             for n in img.meta.get("notes", []):
                 notes[n] += 1
@@ -190,6 +211,9 @@ def _check_images(layout: Layout, report: Report) -> None:
                 report.problems.append(f"{case.mask}: mask is empty (all zero) for abnormal image {case.channels[0].name}")
     for n, k in notes.items():
         report.info.append(f"{k} image(s): {n}")
+    if small:
+        report.info.append(f"{len(small)} image(s) smaller than {MIN_SIDE} x {MIN_SIDE} pixels (explain, grade and "
+                           f"predict refuse them): {', '.join(small[:5])}" + (" ..." if len(small) > 5 else ""))
     report.shapes = dict(shapes)
 
 
@@ -197,7 +221,6 @@ def _check_npz(layout: Layout, report: Report) -> None:
     if not layout.cases:
         return
     path = layout.cases[0].channels[0]
-    from medcfx.data.layouts import iter_npz_rows
 
     for split in dict.fromkeys(c.item[0] for c in layout.cases):
         key = f"{split}_images"

@@ -33,6 +33,7 @@ from medcfx.errors import MedcfxError
 # how far (mm) two grids may place the same voxel apart and still count as one grid
 GRID_ATOL_MM = 1e-2
 IDENTITY_ORNT = ((0, 1), (1, 1), (2, 1))
+MIN_SIDE = 16  # smallest in-plane side (pixels) of an input given to a model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,6 +116,14 @@ def check_same_grid(what: str, items: Sequence[tuple[str, Any]], atol_mm: float 
         if diff is not None:
             raise MedcfxError(f"{what}: {name} ({v.path.name}) is not on the grid of {name0} ({v0.path.name}): {diff}; "
                               f"resample it onto {v0.path.name} first (e.g. with nibabel.processing.resample_from_to)")
+
+def check_min_side(plane: tuple[int, int], where: str) -> None:
+    """MedcfxError unless both in-plane sides (pixels) are at least ``MIN_SIDE``."""
+    if min(plane) < MIN_SIDE:
+        raise MedcfxError(f"{where}: the image is {plane[0]} x {plane[1]} pixels; medcfx needs at least "
+                          f"{MIN_SIDE} x {MIN_SIDE} (a smaller image carries less detail than the model's coarsest "
+                          f"feature map and would still get confident-looking numbers)")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # resizing

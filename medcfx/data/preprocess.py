@@ -1,35 +1,43 @@
-"""Preprocessing (Sanchez et al. 2022, sec. 4.1) into a cached :class:`SliceSet` of model-sized slices.
+"""Preprocessing (Sanchez et al. 2022, sec. 4.1): dataset cases -> model-sized slices in a cached SliceSet.
 
-Volumes (BraTS, nnU-Net 3D), per case, all modalities on the same grid:
+Each step is decided in one module, so the place where a voxel's orientation or value is set is easy to find:
 
-1. foreground F = voxels > 0 in ANY modality (brain MRI is skull-stripped: background is exactly 0);
-2. per modality m: p_m = ``np.percentile(x_m[F], percentile)`` (linear interpolation, numpy's default),
-   u_m = x_m / p_m, clipped to [0, 1] when ``clip`` is true (the default; without the clip, values above the
-   percentile stay above 1);
-3. slices along ``axis`` (2 = axial for BraTS) whose foreground area is below ``min_foreground`` times the
-   largest slice's area are skipped (``min_foreground=0`` keeps every slice);
-4. each slice is padded to a square (centred, with 0) and resized to ``size`` x ``size`` (:class:`SliceGeometry`);
-5. the model value is 2 u - 1, so background is -1 and the foreground's percentile maps to +1.
+* reading (:mod:`medcfx.data.io`): NIfTI, DICOM (files and series), PNG/JPEG/TIFF/npy, as stored;
+* geometry (:mod:`medcfx.data.geometry`): every volume is reoriented to RAS+ from its affine before slicing
+  (``axis`` 2 is then always axial), the files of a case must share one grid (shape AND affine), and
+  results go back onto the input's own voxel order;
+* intensity (:mod:`medcfx.data.intensity`): the foreground is what differs from the background value (not
+  the sign of the values), each channel is scaled by its foreground percentile, 2D images by the model's
+  recorded rule;
+* this module: per case, the steps in order, then the cache (:mod:`medcfx.data.cache`,
+  :class:`~medcfx.data.sliceset.SliceSet`).
+
+Volumes (BraTS, Decathlon, nnU-Net 3D, DICOM series), per case:
+
+1. every channel and the segmentation on one grid (:func:`~medcfx.data.geometry.check_same_grid`);
+2. foreground F (:func:`~medcfx.data.intensity.foreground_mask`); a case without foreground is refused;
+3. per channel, u = (x - lo) / (p - lo), lo = min(0, min x[F]), p = the ``percentile`` of x[F], clipped to
+   [0, 1] when ``clip`` (:func:`~medcfx.data.intensity.scale_volume`);
+4. slices along the canonical ``axis`` whose foreground area is below ``min_foreground`` times the largest
+   slice's area are skipped (``min_foreground=0`` keeps every slice);
+5. each slice is padded to a square (centred, with 0) and resized to ``size`` x ``size``
+   (:class:`~medcfx.data.geometry.SliceGeometry`);
+6. the model value is 2 u - 1, so background is -1 and the foreground's percentile maps to +1.
 
 Slice label ``unhealthy`` = 1 if the slice holds at least one voxel with seg > 0 (at the original
 resolution), 0 otherwise, NaN if the case has no segmentation. The model-sized mask keeps small lesions
-(see :meth:`SliceGeometry.mask_to_model`).
+(:meth:`~medcfx.data.geometry.SliceGeometry.mask_to_model`).
 
 2D images (image folders, labels.csv, npz, nnU-Net 2D): grey images have 1 channel, RGB 3 (``image_channels``
-forces 1 or 3: RGB -> grey by ITU-R 601 luma 0.299 R + 0.587 G + 0.114 B, grey -> RGB by repetition; by
-default the first image decides and the others are converted to it). :func:`scale_image` maps to [0, 1]:
-8-bit integer images u = x / 255; every other image (16-bit, float, DICOM) u = (x - lo) / (p - lo) with
-p = its own ``percentile`` and lo = min(0, min x) (so non-negative images are divided by their percentile
-like MRI; images holding negative values, e.g. CT in HU, are shifted by their minimum first), clipped to
-[0, 1] when ``clip``; then steps 4-5.
+forces 1 or 3: RGB -> grey by ITU-R 601 luma, grey -> RGB by repetition; by default the first image decides);
+scaled to [0, 1] by :func:`~medcfx.data.intensity.scale_image` under ``intensity``, then steps 5-6.
 
-Resizing is a separable linear operator (:func:`resize_matrix`): exact area averaging when shrinking
-(each output pixel is the mean of the input area it covers: an antialiasing box filter), linear
-interpolation (align-corners false) when enlarging. Both have non-negative weights summing to 1, so a
-constant stays that constant and [0, 1] stays within [0, 1].
+Inputs given to a model (explain, grade, predict: :mod:`medcfx.inputs`) smaller than ``MIN_SIDE`` pixels in
+either in-plane direction are refused by :func:`~medcfx.data.geometry.check_min_side`: a model working at 48-256 px would see an
+up-sampled blur and still answer with confident numbers (``data check`` lists such images).
 
 :func:`prepare` processes one case at a time (peak memory: a few cases) and stores the result in the
-cache (:mod:`medcfx.data.cache`); a second call with the same files and config reads no input file.
+cache; a second call with the same files and config reads no input file.
 """
 
 from __future__ import annotations
@@ -38,28 +46,33 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from medcfx.data import cache as cachemod
-from medcfx.data.io import Volume, read_image, read_volume, write_nifti
-from medcfx.data.layouts import (
-    MODALITIES,
-    Case,
-    Layout,
-    detect_layout,
-    iter_npz_rows,
-    load_layout,
-    npz_member_header,
-    resolve_modalities,
+from medcfx.data.geometry import (
+    IDENTITY_ORNT,
+    SliceGeometry,
+    axcodes,
+    canonical_ornt,
+    check_same_grid,
+    to_canonical,
 )
+from medcfx.data.intensity import (
+    CHANNEL_NAMES_2D,
+    INTENSITY_RULES,
+    convert_channels,
+    foreground_mask,
+    scale_image,
+    scale_volume,
+)
+from medcfx.data.io import Volume, read_image, read_volume
+from medcfx.data.layouts import MODALITIES, Case, Layout, detect_layout, load_layout, resolve_modalities
+from medcfx.data.layouts_npz import iter_npz_rows, npz_member_header
+from medcfx.data.sliceset import PREPROCESS_VERSION, SliceSet, open_checked
 from medcfx.errors import MedcfxError, UsageError
-
-PREPROCESS_VERSION = 1
-
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -69,9 +82,13 @@ class PreprocessConfig:
     modalities      MRI channels in order (brats, nnU-Net MRI); aliases t1n, t1c, t2w, t2f accepted
     percentile      per-scan, per-modality foreground percentile that maps to 1 (before the 2u - 1 step)
     clip            clip x / p to [0, 1]; False keeps values above the percentile (> 1 after scaling)
-    axis            slicing axis of NIfTI volumes (2 = axial for RAS/LPS-stored BraTS)
+    axis            slicing axis of the volume reoriented to RAS+ (0 sagittal, 1 coronal, 2 axial), whatever
+                    its storage order
     min_foreground  skip slices whose foreground area < this fraction of the case's largest slice area
     image_channels  2D only: 1 (grey) or 3 (RGB); None = as the first image of the dataset
+    intensity       2D scaling rule, recorded with every model and replayed at inference: percentile
+                    (default), nominal or legacy (:mod:`medcfx.data.intensity`); volumes always use the
+                    foreground percentile rule
     """
 
     size: int = 64
@@ -81,6 +98,7 @@ class PreprocessConfig:
     axis: int = 2
     min_foreground: float = 0.05
     image_channels: int | None = None
+    intensity: str = "percentile"
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", resolve_modalities(self.modalities))
@@ -106,6 +124,8 @@ class PreprocessConfig:
         if self.image_channels not in (None, 1, 3):
             raise UsageError(f"preprocess image_channels must be 1, 3 or null, got {self.image_channels!r}")
         object.__setattr__(self, "clip", bool(self.clip))
+        if self.intensity not in INTENSITY_RULES:
+            raise UsageError(f"preprocess intensity must be one of {', '.join(INTENSITY_RULES)}, got {self.intensity!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -128,274 +148,6 @@ class PreprocessConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# resizing
-
-
-@lru_cache(maxsize=64)
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """The ``[n_out, n_in]`` float32 matrix of a 1D resize (rows are non-negative and sum to 1).
-
-    Shrinking (n_out <= n_in): exact area averaging. Output pixel i covers the input interval
-    [i r, (i + 1) r) with r = n_in / n_out; its weight on input pixel j is |[j, j + 1) ∩ [i r, (i + 1) r)| / r.
-    Enlarging: linear interpolation at source coordinate s = (i + 0.5) / (n_out / n_in) - 0.5, clamped at the
-    borders (PyTorch's ``align_corners=False`` convention).
-    """
-    if n_in < 1 or n_out < 1:
-        raise ValueError("sizes must be >= 1")
-    if n_out <= n_in:
-        r = n_in / n_out
-        lo = np.arange(n_out)[:, None] * r
-        hi = lo + r
-        j = np.arange(n_in)[None, :]
-        w = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None) / r
-    else:
-        s = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-        s = np.clip(s, 0, n_in - 1)
-        j0 = np.floor(s).astype(int)
-        j1 = np.minimum(j0 + 1, n_in - 1)
-        f = s - j0
-        w = np.zeros((n_out, n_in))
-        rows = np.arange(n_out)
-        np.add.at(w, (rows, j0), 1 - f)
-        np.add.at(w, (rows, j1), f)
-    w = w / w.sum(axis=1, keepdims=True)
-    out = w.astype(np.float32)
-    out.setflags(write=False)
-    return out
-
-
-def _max3x3(x: np.ndarray) -> np.ndarray:
-    """3x3 maximum filter over the last two axes (borders padded with -inf)."""
-    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], constant_values=-np.inf)
-    h, w = x.shape[-2:]
-    out = p[..., 0:h, 0:w].copy()
-    for dy in range(3):
-        for dx in range(3):
-            np.maximum(out, p[..., dy : dy + h, dx : dx + w], out=out)
-    return out
-
-
-def mask_from_fraction(frac: np.ndarray) -> np.ndarray:
-    """Binary mask from an area-fraction map F (last two axes), keeping small lesions.
-
-    M = (F >= 0.5) OR (F > 0 AND F is the maximum of its 3x3 neighbourhood AND no pixel of that
-    neighbourhood has F >= 0.5). Large lesions keep their area-correct outline (the >= 0.5 rule); a lesion
-    too small to cover half of any output pixel survives as its peak pixel(s) instead of vanishing.
-    """
-    frac = np.asarray(frac, dtype=np.float32)
-    big = frac >= 0.5
-    peak = (frac > 0) & (frac >= _max3x3(frac)) & ~(_max3x3(big.astype(np.float32)) > 0)
-    return (big | peak).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# geometry
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Reversible map between a case's original grid and its model slices.
-
-    ``shape``: the original spatial shape, (X, Y, Z) for a volume or (H, W) for an image; ``axis``: the
-    slicing axis (volumes) or None (images); ``size``: model side S; ``kept``: the original slice indices
-    that became model slices, in order (images: ``(0,)``).
-
-    The in-plane shape (a, b) (the dims other than ``axis``, in order) is padded to the square side
-    max(a, b), centred (the extra pixel, if odd, goes after), then resized to S x S by
-    :func:`resize_matrix`. :meth:`to_original` applies the inverse resize (S -> side) and crops the padding.
-    """
-
-    shape: tuple[int, ...]
-    axis: int | None
-    size: int
-    kept: tuple[int, ...]
-
-    @property
-    def is_2d(self) -> bool:
-        return self.axis is None
-
-    @property
-    def plane(self) -> tuple[int, int]:
-        if self.is_2d:
-            return (int(self.shape[0]), int(self.shape[1]))
-        a, b = [int(s) for i, s in enumerate(self.shape) if i != self.axis]
-        return (a, b)
-
-    @property
-    def side(self) -> int:
-        return max(self.plane)
-
-    @property
-    def pad(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """((before, after) along a, (before, after) along b)."""
-        out = []
-        for n in self.plane:
-            extra = self.side - n
-            out.append((extra // 2, extra - extra // 2))
-        return tuple(out)  # type: ignore[return-value]
-
-    @property
-    def scale(self) -> float:
-        """Model pixels per original pixel."""
-        return self.size / self.side
-
-    def _down(self) -> tuple[np.ndarray, np.ndarray]:
-        r = resize_matrix(self.side, self.size)
-        (pa, _), (pb, _) = self.pad
-        a, b = self.plane
-        return r[:, pa : pa + a], r[:, pb : pb + b]
-
-    def _up(self) -> tuple[np.ndarray, np.ndarray]:
-        u = resize_matrix(self.size, self.side)
-        (pa, _), (pb, _) = self.pad
-        a, b = self.plane
-        return u[pa : pa + a], u[pb : pb + b]
-
-    def _split_channels(self, array: np.ndarray) -> tuple[np.ndarray, bool]:
-        """[C, *shape] or [*shape] -> ([C, *shape], had_channels)."""
-        array = np.asarray(array)
-        nd = len(self.shape)
-        if array.ndim == nd:
-            array, chan = array[None], False
-        elif array.ndim == nd + 1:
-            chan = True
-        else:
-            raise ValueError(f"expected an array of shape [C, *{self.shape}] or {self.shape}, got {array.shape}")
-        if tuple(array.shape[1:]) != tuple(self.shape):
-            raise ValueError(f"array shape {array.shape[1:]} does not match the geometry {self.shape}")
-        return array, chan
-
-    def _resample(self, planes: np.ndarray) -> np.ndarray:
-        """[n, a, b] (any memory order) -> float32 [n, S, S] = Ma @ plane @ Mb^T for each plane.
-
-        The in-plane axis with the smaller stride is contracted first as one large GEMM on a contiguous
-        view (NIfTI data is usually Fortran-ordered: x fastest), so no strided copy of the volume is made.
-        """
-        ma, mb = self._down()
-        if planes.strides[1] < planes.strides[2]:
-            q = np.ascontiguousarray(planes.transpose(0, 2, 1), dtype=np.float32)  # [n, b, a]
-            t = np.matmul(q, ma.T)  # [n, b, S]
-            return np.matmul(mb, t).transpose(0, 2, 1)  # [n, S(a), S(b)]
-        q = np.ascontiguousarray(planes, dtype=np.float32)  # [n, a, b]
-        t = np.matmul(q, mb.T)  # [n, a, S]
-        return np.matmul(ma, t)
-
-    def to_model(self, array: np.ndarray) -> np.ndarray:
-        """[C, *shape] -> float32 [Z', C, S, S] (or [*shape] -> [Z', S, S]): kept slices, padded with 0, resized."""
-        array, chan = self._split_channels(array)
-        if self.is_2d:
-            out = self._resample(array)[None]  # channels act as planes: [1, C, S, S]
-            return out if chan else out[:, 0]
-        kept = np.asarray(self.kept, dtype=np.intp)
-        out = np.empty((len(kept), array.shape[0], self.size, self.size), dtype=np.float32)
-        for c in range(array.shape[0]):
-            planes = np.moveaxis(array[c], self.axis, 0)  # view [Z, a, b]
-            if len(kept) != planes.shape[0] or np.any(kept != np.arange(planes.shape[0])):
-                # select before resampling; for a Fortran-ordered volume, index the contiguous transposed view
-                if planes.strides[1] < planes.strides[2]:
-                    planes = np.ascontiguousarray(planes.transpose(0, 2, 1))[kept].transpose(0, 2, 1)
-                else:
-                    planes = planes[kept]
-            out[:, c] = self._resample(planes)
-        return out if chan else out[:, 0]
-
-    def mask_to_model(self, mask: np.ndarray) -> np.ndarray:
-        """[*shape] lesion mask (any value > 0 is lesion) -> uint8 [Z', S, S] by :func:`mask_from_fraction`."""
-        frac = self.to_model((np.asarray(mask) > 0).astype(np.float32))
-        return mask_from_fraction(frac)
-
-    def to_original(self, slices: np.ndarray, fill: float = 0.0, index: Sequence[int] | None = None) -> np.ndarray:
-        """Model slices back on the original grid: [Z', C, S, S] -> [C, *shape], [Z', S, S] -> [*shape].
-
-        ``index``: the original slice indices of the given slices (default: ``kept``, i.e. one slice per kept
-        slice); every other slice is ``fill``. Float input: linear resize back (S -> side), crop of the
-        padding. Bool/integer input (masks): the same on the 0/1 indicator, then >= 0.5, in the input dtype.
-        """
-        slices = np.asarray(slices)
-        index = tuple(self.kept if index is None else (int(i) for i in index))
-        if slices.ndim == 3:
-            slices4, chan = slices[:, None], False
-        elif slices.ndim == 4:
-            slices4, chan = slices, True
-        else:
-            raise ValueError(f"expected slices [Z', C, S, S] or [Z', S, S], got {slices.shape}")
-        if slices4.shape[0] != len(index) or slices4.shape[-2:] != (self.size, self.size):
-            raise ValueError(f"expected {len(index)} slices of {self.size}x{self.size}, got {slices.shape}")
-        discrete = slices.dtype == bool or slices.dtype.kind in "iu"
-        ua, ub = self._up()
-        vals = slices4.astype(np.float32) if not discrete else (slices4 > 0).astype(np.float32)
-        planes = np.matmul(np.matmul(ua, vals), ub.T)  # [Z', C, a, b]
-        if discrete:
-            planes = (planes >= 0.5).astype(slices.dtype)
-            fill_value: Any = slices.dtype.type(fill)
-            dtype = slices.dtype
-        else:
-            fill_value, dtype = fill, np.float32
-        C = slices4.shape[1]
-        if self.is_2d:
-            out = planes[0].astype(dtype, copy=False)
-            return out if chan else out[0]
-        out = np.full((C,) + tuple(self.shape), fill_value, dtype=dtype)
-        view = np.moveaxis(out, 1 + self.axis, 0)  # [Z, C, a, b]
-        view[list(index)] = planes
-        return out if chan else out[0]
-
-    def box_to_model(self, box: Sequence[float]) -> tuple[float, float, float, float]:
-        """(x0, y0, x1, y1) original pixel coordinates (x along the width b, y along the height a) -> model."""
-        (pa, _), (pb, _) = self.pad
-        s = self.scale
-        x0, y0, x1, y1 = box
-        return ((x0 + pb) * s, (y0 + pa) * s, (x1 + pb) * s, (y1 + pa) * s)
-
-    def box_to_original(self, box: Sequence[float]) -> tuple[float, float, float, float]:
-        (pa, _), (pb, _) = self.pad
-        s = self.scale
-        x0, y0, x1, y1 = box
-        return (x0 / s - pb, y0 / s - pa, x1 / s - pb, y1 / s - pa)
-
-    def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "axis": self.axis, "size": self.size, "kept": list(self.kept)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SliceGeometry":
-        return cls(tuple(int(s) for s in d["shape"]), d["axis"], int(d["size"]), tuple(int(k) for k in d["kept"]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# intensities
-
-
-def scale_image(data: np.ndarray, meta: dict, percentile: float = 99.0, clip: bool = True) -> np.ndarray:
-    """Raw 2D image values -> [0, 1] (see the module docstring: 8-bit /255, otherwise by the percentile)."""
-    x = np.asarray(data, dtype=np.float32)
-    if meta.get("integer") and int(meta.get("bit_depth", 0)) == 8:
-        u = x / 255.0
-    else:
-        lo = min(0.0, float(x.min()))
-        hi = float(np.percentile(x, percentile))
-        if hi <= lo:
-            hi = float(x.max())
-        u = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    if clip:
-        u = np.clip(u, 0.0, 1.0)
-    return u.astype(np.float32, copy=False)
-
-
-def convert_channels(u: np.ndarray, channels: int) -> np.ndarray:
-    """[C, H, W] -> [channels, H, W]: grey -> RGB repeats, RGB -> grey by luma 0.299 R + 0.587 G + 0.114 B."""
-    if u.shape[0] == channels:
-        return u
-    if channels == 3 and u.shape[0] == 1:
-        return np.repeat(u, 3, axis=0)
-    if channels == 1 and u.shape[0] == 3:
-        return (0.299 * u[0] + 0.587 * u[1] + 0.114 * u[2])[None].astype(np.float32)
-    raise MedcfxError(f"cannot convert a {u.shape[0]}-channel image to {channels} channels")
-
-
-CHANNEL_NAMES_2D = {1: ["grey"], 3: ["red", "green", "blue"]}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # per-case processing
 
 
@@ -407,7 +159,7 @@ class CaseResult:
     has_mask: bool
     grade: float
     bbox: np.ndarray | None  # [K, 4] model coordinates, NaN = none
-    slice_index: np.ndarray  # [n] int
+    slice_index: np.ndarray  # [n] int (canonical slice index for volumes)
     geometry: SliceGeometry
     affine: np.ndarray | None
     ref: Path
@@ -415,10 +167,34 @@ class CaseResult:
 
 
 def load_volume_case(case: Case) -> tuple[list[Volume], Volume | None]:
-    """Read a 3D case's channel volumes and its segmentation (the I/O half of :func:`process_volume_case`)."""
-    vols = [read_volume(p) for p in case.channels]
+    """Read a 3D case's channel volumes (4D files: the channel's frame) and its segmentation."""
+    frames = getattr(case, "frames", None) or [None] * len(case.channels)
+    vols = [read_volume(p, frame=f) if f is not None else read_volume(p) for p, f in zip(case.channels, frames)]
     seg = read_volume(case.mask) if case.mask is not None else None
     return vols, seg
+
+
+def volume_case_geometry(case: Case, names: list[str], vols: list[Volume], seg: Volume | None,
+                         cfg: PreprocessConfig) -> tuple[SliceGeometry, np.ndarray, list[str]]:
+    """Everything about a volume case that can refuse it, before any scaling (shared with ``data check``).
+
+    Returns (geometry with every canonical slice kept, foreground bool [X, Y, Z] in storage order, notes).
+    Raises MedcfxError: files not on one grid, a singular affine, no foreground.
+    """
+    items = list(zip(names, vols)) + ([("segmentation", seg)] if seg is not None else [])
+    check_same_grid(f"case {case.id}", items)
+    ornt = canonical_ornt(vols[0].affine)
+    shape = tuple(vols[0].shape)
+    geom = SliceGeometry(shape, cfg.axis, cfg.size, (), ornt)
+    geom = dataclasses.replace(geom, kept=tuple(range(geom.canonical_shape[cfg.axis])))
+    fg, notes = foreground_mask([v.data for v in vols], names)
+    if geom.ornt != IDENTITY_ORNT:
+        notes.insert(0, f"stored as {axcodes(vols[0].affine)}: sliced after reorientation to RAS+; outputs are "
+                        f"written back in the input's own voxel order and affine")
+    if not fg.any():
+        raise MedcfxError(f"case {case.id}: no foreground (every voxel of every channel equals its background "
+                          f"value) in {case.channels[0].parent}")
+    return geom, fg, notes
 
 
 def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
@@ -429,33 +205,20 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
     volumes are consumed (scaled in place, then released).
     """
     vols, seg = loaded if loaded is not None else load_volume_case(case)
-    shapes = {v.shape for v in vols}
-    if len(shapes) > 1:
-        desc = ", ".join(f"{name} {v.shape} ({v.path.name})" for name, v in zip(layout.channels, vols))
-        raise MedcfxError(f"case {case.id}: modalities have different shapes: {desc}")
-    shape = vols[0].shape
-    fg = vols[0].data > 0
-    for v in vols[1:]:
-        fg |= v.data > 0
+    names = list(layout.channels)
+    geom, fg, notes = volume_case_geometry(case, names, vols, seg, cfg)
     plane_axes = tuple(i for i in range(3) if i != cfg.axis)
-    area = fg.sum(axis=plane_axes)
-    if area.max() == 0:
-        raise MedcfxError(f"case {case.id}: no foreground (no voxel > 0 in any modality) in {case.channels[0].parent}")
+    area = to_canonical(fg, geom.ornt).sum(axis=plane_axes)
     if cfg.min_foreground > 0:
         kept = np.flatnonzero(area >= cfg.min_foreground * area.max())
     else:
-        kept = np.arange(shape[cfg.axis])
-    geom = SliceGeometry(tuple(shape), cfg.axis, cfg.size, tuple(int(k) for k in kept))
+        kept = np.arange(len(area))
+    geom = dataclasses.replace(geom, kept=tuple(int(k) for k in kept))
     n, S = len(kept), cfg.size
     images = np.empty((n, len(vols), S, S), dtype=np.float32)
-    for c, v in enumerate(vols):
-        p = float(np.percentile(v.data[fg], cfg.percentile, overwrite_input=True))  # on a copy: no 2nd copy
-        if not p > 0:
-            raise MedcfxError(f"{v.path}: the {cfg.percentile:g}th percentile of the foreground is {p:g} (must be > 0 to normalise)")
-        x = v.data  # ours: scaled in place
-        x *= np.float32(1.0 / p)
-        if cfg.clip:
-            np.clip(x, 0.0, 1.0, out=x)
+    for c, (name, v) in enumerate(zip(names, vols)):
+        x, more = scale_volume(v.data, fg, cfg.percentile, cfg.clip, f"{name} ({v.path.name})")
+        notes += more
         images[:, c] = geom.to_model(x)
         v.data = None  # type: ignore[assignment]  (free the volume early)
     images *= 2.0
@@ -464,13 +227,11 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
     masks = None
     labels = np.full((n, 1), np.nan, dtype=np.float32)
     if seg is not None:
-        if seg.shape != shape:
-            raise MedcfxError(f"case {case.id}: segmentation {seg.path.name} has shape {seg.shape}, images have {shape}")
         lesion = seg.data > 0
-        labels[:, 0] = lesion.any(axis=plane_axes)[kept]
+        labels[:, 0] = to_canonical(lesion, geom.ornt).any(axis=plane_axes)[kept]
         masks = geom.mask_to_model(lesion)
     return CaseResult(images, labels, masks, case.mask is not None, math.nan, None, kept.astype(np.int32), geom,
-                      vols[0].affine, case.channels[0])
+                      vols[0].affine, case.channels[0], notes)
 
 
 def _read_mask_2d(path: Path, hw: tuple[int, int]) -> np.ndarray:
@@ -490,9 +251,11 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
         if hw is not None and img.shape[1:] != hw:
             raise MedcfxError(f"case {case.id}: channel files have different sizes: {hw} and {img.shape[1:]} ({p.name})")
         hw = img.shape[1:]
-        parts.append(scale_image(img.data, img.meta, cfg.percentile, cfg.clip))
+        parts.append(scale_image(img.data, img.meta, cfg.intensity, cfg.percentile, cfg.clip))
         notes += img.meta.get("notes", [])
     u = np.concatenate(parts, axis=0)
+    if u.shape[0] != channels and {u.shape[0], channels} != {1, 3}:
+        raise MedcfxError(f"{case.channels[0]}: the image has {u.shape[0]} channel(s) but the model expects {channels}")
     u = convert_channels(u, channels)
     geom = SliceGeometry(tuple(int(s) for s in hw), None, cfg.size, (0,))
     images = geom.to_model(u)  # [1, C, S, S]
@@ -519,289 +282,6 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
 def _image_channels_of(case: Case) -> int:
     """Channel count of a 2D case: the sum over its files (1 grey / 3 RGB for one file)."""
     return sum(read_image(p).shape[0] for p in case.channels)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the cached slice set
-
-
-class RowView:
-    """Lazy rows ``base[rows[i]]`` of a memory-mapped array (what :meth:`SliceSet.subset` hands out)."""
-
-    def __init__(self, base: np.ndarray, rows: np.ndarray):
-        self.base, self.rows = base, rows
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows),) + tuple(self.base.shape[1:])
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.base.ndim
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key):
-        if isinstance(key, tuple):
-            first, rest = key[0], key[1:]
-        else:
-            first, rest = key, ()
-        sel = self.rows[first]
-        if np.ndim(sel) == 0:
-            out = self.base[int(sel)]
-        else:
-            order = np.argsort(sel, kind="stable")
-            inv = np.empty_like(order)
-            inv[order] = np.arange(len(order))
-            out = np.asarray(self.base[np.asarray(sel)[order]])[inv]
-        return out[rest] if rest else out
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.asarray(self[:])
-        return out.astype(dtype) if dtype is not None else out
-
-
-class SliceSet:
-    """Preprocessed slices of a dataset (read-only, memory-mapped from a cache entry).
-
-    Per row i (N rows): ``images[i]`` float32 [C, S, S] in [-1, 1]; ``labels[i]`` float32 [K] (1, 0, NaN =
-    unlabelled); ``masks[i]`` uint8 [S, S] (None when the dataset has no masks; ``has_mask[i]`` says whether
-    row i's mask is known); ``grade[i]`` (NaN = none); ``bbox[name][i]`` (x0, y0, x1, y1) in model pixels
-    (NaN = none); ``case_ids[i]``, ``slice_index[i]`` (original slice index; 0 for 2D), ``split[i]``
-    ('' = none). Per case: :meth:`geometry`, :meth:`affine`, :meth:`reference`, :meth:`to_original`,
-    :meth:`write_case`.
-    """
-
-    def __init__(self, folder: Path, index: dict, arrays: dict[str, np.ndarray], rows: np.ndarray | None = None,
-                 root: Path | None = None):
-        self.path = Path(folder)
-        # the dataset folder: where it is now (a moved dataset keeps its key), else where it was built from
-        self._root = Path(root) if root is not None else Path(index["root"])
-        self._index = index
-        self._arrays = arrays
-        self._rows = rows  # None = every row
-        self._cases = index["cases"]
-        self._case_pos = {c["id"]: i for i, c in enumerate(self._cases)}
-        self._geoms = [SliceGeometry.from_dict(g) for g in index["geometries"]]
-
-    # -- construction ---------------------------------------------------------------------------------
-    @classmethod
-    def open(cls, folder: str | Path, root: str | Path | None = None) -> "SliceSet":
-        """Open a cache entry; a MedcfxError if it is incomplete or inconsistent.
-
-        ``root``: the dataset folder now, if it moved since the entry was built (for :meth:`reference`).
-        """
-        try:
-            return _open_checked(Path(folder), Path(root) if root is not None else None)
-        except cachemod.CacheInvalid as exc:
-            raise MedcfxError(f"invalid preprocessed data: {exc}") from None
-
-    def _rowsel(self, name: str):
-        arr = self._arrays.get(name)
-        if arr is None:
-            return None
-        return arr if self._rows is None else RowView(arr, self._rows)
-
-    def _small(self, name: str) -> np.ndarray | None:
-        arr = self._arrays.get(name)
-        if arr is None:
-            return None
-        arr = np.asarray(arr)
-        return arr if self._rows is None else arr[self._rows]
-
-    # -- arrays ---------------------------------------------------------------------------------------
-    @property
-    def images(self):
-        return self._rowsel("images")
-
-    @property
-    def masks(self):
-        return self._rowsel("masks")
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._small("labels")
-
-    @property
-    def has_mask(self) -> np.ndarray:
-        return self._small("has_mask").astype(bool)
-
-    @property
-    def grade(self) -> np.ndarray:
-        return self._small("grade")
-
-    @property
-    def bbox(self) -> dict[str, np.ndarray] | None:
-        arr = self._small("bbox")
-        if arr is None:
-            return None
-        return {name: arr[:, k] for k, name in enumerate(self.label_names)}
-
-    @property
-    def case_index(self) -> np.ndarray:
-        return self._small("case_index")
-
-    @property
-    def case_ids(self) -> np.ndarray:
-        ids = np.array([c["id"] for c in self._cases], dtype=object)
-        return ids[self.case_index] if len(ids) else np.array([], dtype=object)
-
-    @property
-    def slice_index(self) -> np.ndarray:
-        return self._small("slice_index")
-
-    @property
-    def split(self) -> np.ndarray:
-        sp = np.array([c.get("split") or "" for c in self._cases], dtype=object)
-        return sp[self.case_index] if len(sp) else np.array([], dtype=object)
-
-    # -- metadata -------------------------------------------------------------------------------------
-    @property
-    def label_names(self) -> list[str]:
-        return list(self._index["label_names"])
-
-    @property
-    def channels(self) -> list[str]:
-        return list(self._index["channels"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self._index["key"]
-
-    @property
-    def config(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self._index["config"])
-
-    @property
-    def kind(self) -> str:
-        return self._index["kind"]
-
-    @property
-    def source(self) -> Path:
-        """The dataset folder (input files are relative to it)."""
-        return self._root
-
-    @property
-    def size(self) -> int:
-        return int(self._index["config"]["size"])
-
-    @property
-    def dims(self) -> int:
-        return int(self._index["dims"])
-
-    @property
-    def cases(self) -> list[str]:
-        """Case ids present in this set, in order of first appearance."""
-        ci = self.case_index
-        seen = list(dict.fromkeys(ci.tolist()))
-        return [self._cases[i]["id"] for i in seen]
-
-    def __len__(self) -> int:
-        return int(self._index["n"]) if self._rows is None else len(self._rows)
-
-    def __repr__(self) -> str:
-        return (f"SliceSet({len(self)} slices of {len(self.cases)} cases, channels={self.channels}, "
-                f"size={self.size}, labels={self.label_names}, kind={self.kind})")
-
-    def __getitem__(self, i: int) -> dict:
-        """One row as a dict: image, label, mask (or None), has_mask, grade, case_id, slice_index."""
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        r = i if self._rows is None else int(self._rows[i])
-        a = self._arrays
-        case = int(a["case_index"][r])
-        return {
-            "image": np.array(a["images"][r]),
-            "label": np.array(a["labels"][r]),
-            "mask": np.array(a["masks"][r]) if "masks" in a else None,
-            "has_mask": bool(a["has_mask"][r]),
-            "grade": float(a["grade"][r]),
-            "case_id": self._cases[case]["id"],
-            "slice_index": int(a["slice_index"][r]),
-        }
-
-    def subset(self, idx) -> "SliceSet":
-        """Rows ``idx`` (int indices or a boolean mask over this set) as a new SliceSet (no data copied)."""
-        idx = np.asarray(idx)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise ValueError(f"boolean subset needs {len(self)} entries, got {idx.shape}")
-            idx = np.flatnonzero(idx)
-        idx = idx.astype(np.int64).reshape(-1)
-        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError("subset index out of range")
-        idx = np.where(idx < 0, idx + len(self), idx)
-        base = np.arange(int(self._index["n"])) if self._rows is None else self._rows
-        return SliceSet(self.path, self._index, self._arrays, base[idx], root=self._root)
-
-    def split_subset(self, split: str) -> "SliceSet":
-        """The rows whose case has ``split`` ('train', 'val', 'test')."""
-        return self.subset(self.split == split)
-
-    def label_counts(self) -> dict[str, dict[str, int]]:
-        """Per label: positive, negative and unlabelled row counts."""
-        lab = self.labels
-        out = {}
-        for k, name in enumerate(self.label_names):
-            col = lab[:, k]
-            out[name] = {
-                "positive": int(np.sum(col == 1)),
-                "negative": int(np.sum(col == 0)),
-                "unlabelled": int(np.sum(np.isnan(col))),
-            }
-        return out
-
-    # -- per case -------------------------------------------------------------------------------------
-    def _case(self, case_id: str) -> dict:
-        if case_id not in self._case_pos:
-            raise MedcfxError(f"unknown case {case_id!r} in {self.source}")
-        return self._cases[self._case_pos[case_id]]
-
-    def case_rows(self, case_id: str) -> np.ndarray:
-        """Row indices (into this set) of the case's slices, ordered by slice index."""
-        pos = self._case_pos.get(case_id)
-        if pos is None:
-            raise MedcfxError(f"unknown case {case_id!r} in {self.source}")
-        rows = np.flatnonzero(self.case_index == pos)
-        return rows[np.argsort(self.slice_index[rows], kind="stable")]
-
-    def geometry(self, case_id: str) -> SliceGeometry:
-        return self._geoms[self._case(case_id)["geometry"]]
-
-    def affine(self, case_id: str) -> np.ndarray | None:
-        a = self._case(case_id).get("affine")
-        return None if a is None else np.asarray(a, dtype=np.float64)
-
-    def reference(self, case_id: str) -> Path:
-        """The case's first input file (its NIfTI header/affine is the grid outputs are written on)."""
-        return self._root / self._case(case_id)["ref"]
-
-    def to_original(self, case_id: str, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Model slices of a case ([n, C, S, S] or [n, S, S], in :meth:`case_rows` order) on the original grid.
-
-        ``n`` may be all of the case's slices in the full set or those present in this subset; missing
-        slices are ``fill``.
-        """
-        rows = self.case_rows(case_id)
-        return self.geometry(case_id).to_original(slices, fill=fill, index=self.slice_index[rows])
-
-    def write_case(self, case_id: str, slices: np.ndarray, path: str | Path, fill: float = 0.0) -> Path:
-        """Write one case's model slices ([n, S, S]) as NIfTI aligned with the input (its affine/header)."""
-        geom = self.geometry(case_id)
-        if geom.is_2d:
-            raise MedcfxError(f"case {case_id} is a 2D image; write it as an image, not NIfTI")
-        vol = self.to_original(case_id, np.asarray(slices), fill=fill)
-        if vol.ndim != 3:
-            raise MedcfxError(f"write_case takes one channel ([n, S, S]); got slices of shape {np.shape(slices)}")
-        return write_nifti(path, vol.astype(np.float32), like=self.reference(case_id))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -856,12 +336,12 @@ def prepare(
     entry = root / key
     if entry.is_dir():
         try:
-            return _open_checked(entry, layout.root)
+            return open_checked(entry, layout.root)
         except cachemod.CacheInvalid:
             cachemod.remove_entry(entry)  # never trusted: rebuilt below
     with cachemod.building(root, key) as tmp, _single_threaded_blas():
         _build(layout, cfg, key, tmp, progress)
-    return _open_checked(entry, layout.root)
+    return open_checked(entry, layout.root)
 
 
 def _single_threaded_blas():
@@ -875,33 +355,6 @@ def _single_threaded_blas():
 
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
-
-
-_REQUIRED = ("images", "labels", "has_mask", "grade", "case_index", "slice_index")
-
-
-def _open_checked(entry: Path, root: Path | None) -> SliceSet:
-    """Open an entry and check index.json's own records against the arrays (CacheInvalid otherwise)."""
-    index, arrays = cachemod.open_entry(entry, PREPROCESS_VERSION)
-    try:
-        missing = [a for a in _REQUIRED if a not in arrays]
-        if missing:
-            raise ValueError(f"arrays missing: {missing}")
-        n, C, S, S2 = arrays["images"].shape
-        ncase, ngeom = len(index["cases"]), len(index["geometries"])
-        ok = (
-            S == S2 == int(index["config"]["size"])
-            and C == len(index["channels"])
-            and arrays["labels"].shape == (n, len(index["label_names"]))
-            and ("masks" not in arrays or arrays["masks"].shape == (n, S, S))
-            and (n == 0 or 0 <= int(np.min(arrays["case_index"])) <= int(np.max(arrays["case_index"])) < ncase)
-            and all(0 <= int(c["geometry"]) < ngeom for c in index["cases"])
-        )
-        if not ok:
-            raise ValueError("index.json does not describe its arrays")
-        return SliceSet(entry, index, arrays, root=root)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise cachemod.CacheInvalid(f"{entry}: {exc}") from None
 
 
 class _Builder:
@@ -1066,12 +519,12 @@ def _build_npz(b: _Builder, layout: Layout, cfg: PreprocessConfig, channels: int
                 bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
                 if bad.any():
                     raise MedcfxError(f"{path}: {key}[{start + int(np.flatnonzero(bad)[0])}] holds NaN or inf values")
-            if meta["integer"] and meta["bit_depth"] == 8:
-                u = x / 255.0
+            if meta["integer"] and meta["bit_depth"] == 8 and cfg.intensity != "percentile":
+                u = x / 255.0  # the nominal and legacy rules of 8-bit rows, vectorised
                 if cfg.clip:
                     np.clip(u, 0, 1, out=u)
             else:
-                u = np.stack([scale_image(xi, meta, cfg.percentile, cfg.clip) for xi in x])
+                u = np.stack([scale_image(xi, meta, cfg.intensity, cfg.percentile, cfg.clip) for xi in x])
             u = np.stack([convert_channels(ui, channels) for ui in u]) if u.shape[1] != channels else u
             imgs = np.matmul(np.matmul(geom._down()[0], u.astype(np.float32)), geom._down()[1].T) * 2.0 - 1.0
             n = len(rows)

@@ -32,7 +32,7 @@ DEFAULTS = {
     "train": {"steps": 187500, "batch_size": 64, "lr": 1e-4, "weight_decay": 0.0, "ema_decay": 0.9999,
               "ema_warmup": False, "grad_clip": 1.0, "bf16": False, "warmup_steps": 0, "log_every": 100,
               "ckpt_every": 5000},
-    "preprocess": {"size": 96, "percentile": 99.0, "clip": True, "image_channels": 1},
+    "preprocess": {"size": 96, "percentile": 99.0, "clip": True, "image_channels": 1, "intensity": "percentile"},
     # DDIM step counts of the stochastic encoder (inversion) and the decoder (Atad et al. sec. 4.2)
     "sample": {"encode_steps": 250, "decode_steps": 100},
     "presets": {

@@ -167,27 +167,18 @@ def preprocess_config(prep: dict):
 
 
 def load_input(path: Path, prep: dict, channels: int) -> np.ndarray:
-    """One image file -> float32 [C, S, S] in [-1, 1], scaled exactly as ``medcfx.data.prepare`` scales a
-    2D training image (its own percentile, square padding, area resize, 2u - 1).
+    """One image file -> float32 [C, S, S] in [-1, 1], read and scaled as every command reads a 2D image
+    (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma).
 
-    The channel count must equal the model's (no silent grey/RGB conversion): a mismatch is one error line.
+    Raises UsageError for a NIfTI volume and MedcfxError (one line naming the file) for an unreadable image.
     """
-    from medcfx.data import SliceGeometry, read_image
     from medcfx.data.io import is_volume_file
-    from medcfx.data.preprocess import scale_image
+    from medcfx.inputs import load_image
 
     path = Path(path)
-    if is_volume_file(path):
-        raise UsageError(f"{path}: diffae works on 2D images (PNG, TIFF, DICOM, .npy), not NIfTI volumes")
-    img = read_image(path)
-    if img.data.shape[0] != channels:
-        raise UsageError(f"{path}: expected an image with {channels} channel(s), got {img.data.shape[0]}")
-    if not np.isfinite(img.data).all():
-        raise MedcfxError(f"{path}: holds NaN or inf values")
-    cfg = preprocess_config(prep)
-    u = scale_image(img.data, img.meta, cfg.percentile, cfg.clip)
-    geom = SliceGeometry(tuple(int(s) for s in img.data.shape[1:]), None, cfg.size, (0,))
-    return (geom.to_model(u)[0] * 2.0 - 1.0).astype(np.float32)
+    if is_volume_file(path) or path.is_dir():
+        raise UsageError(f"{path}: diffae works on 2D images (PNG, TIFF, DICOM, .npy), not volumes")
+    return load_image(path, preprocess_config(prep), channels).images[0]
 
 
 def to_display(x: np.ndarray) -> np.ndarray:

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medcfx.data import PreprocessConfig, SliceGeometry, prepare, read_image
+from medcfx.data import PreprocessConfig, SliceGeometry, prepare
 from medcfx.data.io import IMAGE_SUFFIXES, is_image_file
-from medcfx.data.preprocess import convert_channels, scale_image
 from medcfx.errors import MedcfxError, UsageError
 from medcfx.loading import load_state
 
@@ -18,7 +17,8 @@ from medcfx_mediffusion.joint import build_joint
 
 
 def preprocess_config(cfg: dict) -> PreprocessConfig:
-    return PreprocessConfig(size=int(cfg["size"]), image_channels=cfg.get("image_channels"))
+    return PreprocessConfig(size=int(cfg["size"]), image_channels=cfg.get("image_channels"),
+                            intensity=cfg.get("intensity", "percentile"))
 
 
 def load_dataset(path: Path, pp: PreprocessConfig):
@@ -60,16 +60,12 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 
 def read_input(path: Path, pp: PreprocessConfig, channels: int) -> tuple[torch.Tensor, SliceGeometry]:
-    """One 2D image -> (x [1, C, S, S] in [-1, 1], geometry), scaled exactly as preprocessing scales the
-    training images (``scale_image``, channel conversion, pad to square, area resize, 2u - 1)."""
-    img = read_image(path)
-    u = scale_image(img.data, img.meta, pp.percentile, pp.clip)
-    if u.shape[0] not in (1, 3) or (channels not in (1, 3)):
-        raise MedcfxError(f"{path}: expected a {channels}-channel image, got {u.shape[0]} channels")
-    u = convert_channels(u, channels)
-    geom = SliceGeometry(tuple(int(s) for s in u.shape[1:]), None, pp.size, (0,))
-    x = geom.to_model(u)[0] * 2.0 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], geom
+    """One 2D image -> (x float32 [1, C, S, S] in [-1, 1], geometry), read and scaled as every command reads
+    a 2D image (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma)."""
+    from medcfx.inputs import load_image
+
+    case = load_image(Path(path), pp, channels)
+    return torch.from_numpy(np.ascontiguousarray(case.images, dtype=np.float32)), case.result.geometry
 
 
 # ---------------------------------------------------------------------------------------------- models

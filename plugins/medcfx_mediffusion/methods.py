@@ -46,7 +46,7 @@ from medcfx_mediffusion.joint import (
 # ------------------------------------------------------------------------------------------ configuration
 
 AE_DEFAULTS = {
-    "preprocess": {"size": 64, "image_channels": None},
+    "preprocess": {"size": 64, "image_channels": None, "intensity": "percentile"},
     "network": {"latent_channels": 4, "base_channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
                 "num_groups": 8},
     "loss": {"l1": 1.0, "ssim": 0.5, "kl": 1.0e-6, "adv": 0.0, "disc_start": 0, "disc_lr": 1.0e-4,

@@ -33,7 +33,7 @@ DEFAULTS = {
     "network": PAPER_NETWORK,  # in/out (and conditioning) channels follow the data
     "diffusion": {"schedule": "linear", "T": 1000},
     "preprocess": {"size": 128, "modalities": ["t2"], "percentile": 99.0, "clip": True, "axis": 2,
-                   "min_foreground": 0.05},
+                   "min_foreground": 0.05, "intensity": "percentile"},
     "train": {"steps": 500000, "batch_size": 32, "lr": 1e-4, "weight_decay": 0.01, "ema_decay": 0.9999,
               "ema_warmup": True, "grad_clip": 1.0, "bf16": False, "warmup_steps": 500, "log_every": 100,
               "ckpt_every": 5000, "val_every": 500, "early_stopping": 100},

@@ -124,7 +124,7 @@ class Sampler:
         bs = _batch_size(request)
         cases = []
         for path in request.inputs:  # every input is read and checked before any sampling starts
-            cases += [c.select(request.options.get("slice")) for c in load_cases(path, pre, mapper.channels)]
+            cases += [c.select(request.options.get("slice")) for c in load_cases(path, pre, mapper.channels, log=request.log)]
         request.out.mkdir(parents=True, exist_ok=True)
         summary = [self._explain_case(request, mapper, case, bs) for case in cases]
         return {"method": self.method, "models": [m.ref for m in mapper.members], "out": str(request.out),
@@ -165,7 +165,7 @@ class Sampler:
                       **mapper.describe()}
             entry = mapper.members[0].entry
             write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
-                                                          slices=[int(k) for k in case.slice_index]))
+                                                          slices=[int(k) for k in case.slice_index], notes=case.notes))
         means = amap.reshape(len(amap), -1).mean(1)
         return {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
                 "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),

@@ -202,7 +202,7 @@ class Sampler:
         summary = []
         request.out.mkdir(parents=True, exist_ok=True)
         for path in request.inputs:
-            cases = load_cases(path, cfg, channels if channels is not None else len(cfg.modalities))
+            cases = load_cases(path, cfg, channels if channels is not None else len(cfg.modalities), log=request.log)
             for case in cases:
                 case = case.select(request.options.get("slice"))
                 summary.append(self._explain_case(request, entry, mapper, case, bs))
@@ -241,7 +241,8 @@ class Sampler:
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
-                                                          case=case.id, slices=[int(k) for k in case.slice_index]))
+                                                          case=case.id, slices=[int(k) for k in case.slice_index],
+                                                          notes=case.notes))
         means = hm.reshape(len(hm), -1).mean(1)
         return {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(means.mean()),
                 "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),

@@ -45,7 +45,7 @@ DEFAULTS = {
     "classifier": PAPER_CLASSIFIER,
     "diffusion": {"schedule": "linear", "T": 1000},
     "preprocess": {"size": 64, "modalities": ["t1", "t1ce", "t2", "flair"], "percentile": 99.0, "clip": True,
-                   "axis": 2, "min_foreground": 0.05},
+                   "axis": 2, "min_foreground": 0.05, "intensity": "percentile"},
     "train": {"steps": 50000, "batch_size": 64, "lr": 1e-4, "weight_decay": 0.01, "ema_decay": 0.9999,
               "ema_warmup": False, "grad_clip": 1.0, "bf16": False, "warmup_steps": 0, "log_every": 50,
               "ckpt_every": 2000, "val_every": 0, "early_stopping": 0},
