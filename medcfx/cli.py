@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -305,7 +306,8 @@ def _input_command(name: str, summary: str, inputs_help: str, default_out: Optio
 
 
 _input_command("explain", "Explain images with counterfactuals: writes counterfactuals, maps, panels and provenance.",
-               "Image(s), NIfTI volume(s) or case folder(s).", Path("medcfx-out"))
+               "Image(s) (PNG, JPEG, TIFF, .npy, DICOM of any name), NIfTI volume(s), DICOM series folder(s) or "
+               "dataset/case folder(s).", Path("medcfx-out"))
 _input_command("grade", "Grade severity and show counterfactuals across grades.", "Image(s) to grade.", Path("medcfx-out"))
 
 
@@ -418,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except MedcfxError as exc:
         if debug:
             raise
-        err_console.print(f"[red]medcfx: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]medcfx: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("medcfx: interrupted")
@@ -444,6 +446,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         # a bug: still one line, with the way to get the traceback
         msg = str(exc).splitlines()[0] if str(exc) else ""
-        err_console.print(f"[red]medcfx: internal error:[/red] {type(exc).__name__}: {msg} (run with --debug for the traceback)",
+        err_console.print(f"[red]medcfx: internal error:[/red] {type(exc).__name__}: {escape(msg)} (run with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)

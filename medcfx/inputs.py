@@ -13,11 +13,22 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from medcfx.data.io import SUPPORTED_SUFFIXES, is_dicom_file, is_image_file, is_volume_file, strip_suffix, write_nifti
+from medcfx.data.io import (
+    SUPPORTED_SUFFIXES,
+    Volume,
+    is_dicom_file,
+    is_image_file,
+    is_volume_file,
+    load_nifti_header,
+    read_volume,
+    strip_suffix,
+    write_nifti,
+)
 from medcfx.data.layouts import Case, Layout, detect_layout
 from medcfx.data.geometry import check_min_side
 from medcfx.data.preprocess import CaseResult, PreprocessConfig, process_image_case, process_volume_case
@@ -73,6 +84,18 @@ class InputCase:
         sub = CaseResult(r.images[rows], r.labels[rows], None if r.masks is None else r.masks[rows], r.has_mask,
                          r.grade, r.bbox, r.slice_index[rows], r.geometry, r.affine, r.ref, r.notes)
         return InputCase(self.id, self.source, self.channels, sub)
+
+    @cached_property
+    def grid(self) -> Volume:
+        """The input's grid (shape, affine, header; no voxel data) that volume outputs are written on; read
+        once per case (a DICOM series folder is read once, not once per output)."""
+        ref = self.result.ref
+        if Path(ref).is_dir():
+            v = read_volume(ref)
+            return Volume(np.broadcast_to(np.float32(0), v.shape), v.affine, v.header, v.path, v.meta)
+        img = load_nifti_header(ref)
+        shape = tuple(img.shape[:3])
+        return Volume(np.broadcast_to(np.float32(0), shape), np.asarray(img.affine), img.header, Path(ref), {})
 
     def to_original(self, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Model-sized per-slice outputs ([n, S, S] or [n, C, S, S]) on the input's grid."""
@@ -187,10 +210,11 @@ class OutputDir:
 
 
 def write_map(case: InputCase, folder: Path, name: str, slices: np.ndarray, fill: float = 0.0) -> Path:
-    """Write per-slice model-sized maps [n, S, S] on the input's grid: NIfTI for volumes, .npy for images."""
+    """Write per-slice model-sized maps [n, S, S] on the input's grid: NIfTI for volumes (the input's voxel
+    order, affine and header), .npy for images."""
     vol = case.to_original(np.asarray(slices, dtype=np.float32), fill=fill)
     if case.is_volume:
-        return write_nifti(folder / f"{name}.nii.gz", vol.astype(np.float32), like=case.result.ref)
+        return write_nifti(folder / f"{name}.nii.gz", vol.astype(np.float32), like=case.grid)
     path = folder / f"{name}.npy"
     np.save(path, vol.astype(np.float32), allow_pickle=False)
     return path

@@ -400,6 +400,15 @@ def test_decathlon_4d_dataset_prepares_like_the_brats_layout_of_the_same_volumes
     assert b.kind == "decathlon" and b.channels == a.channels == ["t1", "t1ce", "t2", "flair"]
     np.testing.assert_array_equal(np.asarray(b.images), np.asarray(a.images))
     np.testing.assert_array_equal(np.asarray(b.masks), np.asarray(a.masks))
+    # explain writes its maps on the 4D file's 3D grid, equal to those of the BraTS copy
+    env = cli_env(home)
+    run_cli(["explain", brats, "--method", "threshold", "--set", "preprocess.size=8", "--out", tmp_path / "ea"], env=env, check=0)
+    run_cli(["explain", dec, "--method", "threshold", "--set", "preprocess.size=8", "--out", tmp_path / "eb"], env=env, check=0)
+    for case in a.cases:
+        ha, hb = nib.load(str(tmp_path / "ea" / case / "heatmap.nii.gz")), nib.load(str(tmp_path / "eb" / case / "heatmap.nii.gz"))
+        assert hb.shape == ha.shape == nib.load(str(brats / case / f"{case}_t1.nii.gz")).shape
+        np.testing.assert_array_equal(hb.affine, ha.affine)
+        np.testing.assert_array_equal(np.asarray(hb.dataobj), np.asarray(ha.dataobj))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,3 +434,29 @@ def test_intensity_rule_is_recorded_and_old_entries_replay_the_legacy_rule():
     new = Entry.from_dict({"name": "m", "version": 1, "method": "x", "artifacts": art,
                            "config": {"preprocess": {"size": 8, "intensity": "nominal"}}})
     assert new.config["preprocess"]["intensity"] == "nominal"
+
+
+def test_ct_in_hu_is_scaled_by_the_fixed_window_whatever_its_storage_or_display_window(tmp_path):
+    """Two CT files of the same HU (other rescale, other display window) reach the model as one array:
+    clip((HU + 1024) / 4095), computed here and resized by the same geometry."""
+    from test_dicom import dcm
+
+    from medcfx.data.geometry import SliceGeometry
+    from medcfx.inputs import load_image
+
+    hu = np.random.default_rng(5).integers(-1000, 2000, (24, 20)) // 2 * 2  # even HU: exact in both files
+    a = dcm(tmp_path / "a.dcm", (hu + 1024).astype(np.uint16), modality="CT",
+            tags={"RescaleSlope": "1", "RescaleIntercept": "-1024", "WindowCenter": "40", "WindowWidth": "400"})
+    b = dcm(tmp_path / "b", ((hu + 2048) // 2).astype(np.uint16), modality="CT",
+            tags={"RescaleSlope": "2", "RescaleIntercept": "-2048", "WindowCenter": "500", "WindowWidth": "2000"})
+    cfg = PreprocessConfig(size=16)
+    want = SliceGeometry((24, 20), None, 16, (0,)).to_model(np.clip((hu[None] + 1024) / 4095, 0, 1).astype(np.float32))[0] * 2 - 1
+    for f in (a, b):
+        np.testing.assert_allclose(load_image(f, cfg, 1).images[0], want, atol=1e-6)
+
+
+def test_error_lines_show_file_names_verbatim_even_with_brackets(tmp_path, home):
+    """rich would swallow '[bold]' in a path as markup: errors are printed escaped."""
+    f = tmp_path / "scan[bold]01.png"
+    r = run_cli(["explain", f, "--method", "mediffusion", "--target", "no-cardiomegaly"], env=cli_env(home))
+    assert r.returncode != 0 and "scan[bold]01.png" in r.stderr, r.stderr

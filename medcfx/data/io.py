@@ -319,7 +319,8 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
 def write_nifti(path: str | Path, array: np.ndarray, like: Volume | str | Path) -> Path:
     """Write ``array`` (float32, same shape as ``like``) with ``like``'s affine and header, atomically.
 
-    ``like`` is a :class:`Volume`, the path of a NIfTI file (only its header is read) or a DICOM series folder. The header is a
+    ``like`` is a :class:`Volume`, the path of a NIfTI file (only its header is read; a 4D file's grid is its
+    first three axes) or a DICOM series folder. The header is a
     copy of the input's (qform/sform, units, description kept) with the data type set to float32 and the
     intensity scaling reset, so the values read back are exactly ``array``. A :class:`Volume` without a
     header (a DICOM series) gets a fresh NIfTI-1 header: qform and sform = its affine (code 1, scanner),
@@ -337,7 +338,9 @@ def write_nifti(path: str | Path, array: np.ndarray, like: Volume | str | Path) 
         affine, header, shape = ref.affine, ref.header, ref.shape
     else:
         img = load_nifti_header(like)
-        affine, header, shape = img.affine, img.header, spatial_shape(img.shape, Path(like))
+        # a 4D multi-channel file (Decathlon): its grid is the first three axes
+        shape = tuple(img.shape[:3]) if len(img.shape) == 4 else spatial_shape(img.shape, Path(like))
+        affine, header = img.affine, img.header
     array = np.asarray(array)
     if tuple(array.shape) != tuple(shape):
         raise MedcfxError(f"cannot write {path}: array shape {tuple(array.shape)} does not match the input grid {tuple(shape)}")
