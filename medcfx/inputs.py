@@ -21,7 +21,6 @@ import numpy as np
 from medcfx.data.io import (
     SUPPORTED_SUFFIXES,
     Volume,
-    is_dicom_file,
     is_image_file,
     is_volume_file,
     load_nifti_header,
@@ -29,6 +28,7 @@ from medcfx.data.io import (
     strip_suffix,
     write_nifti,
 )
+from medcfx.data.dicom import is_dicom_series
 from medcfx.data.layouts import Case, Layout, detect_layout
 from medcfx.data.geometry import check_min_side
 from medcfx.data.preprocess import CaseResult, PreprocessConfig, process_image_case, process_volume_case
@@ -102,12 +102,6 @@ class InputCase:
         return self.result.geometry.to_original(slices, fill=fill, index=self.slice_index)
 
 
-def _dicom_series_folder(path: Path) -> bool:
-    """A folder whose visible files are all DICOM (by their DICM marker): one series, read as a volume."""
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(is_dicom_file(p) for p in files)
-
-
 def _single_volume_case(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
     """A one-channel volume: a NIfTI file or a DICOM series folder."""
     stem = strip_suffix(path) if path.is_file() else path.name
@@ -127,9 +121,10 @@ def _single_image_case(path: Path, cfg: PreprocessConfig, channels: int) -> Inpu
     return InputCase(case.id, path, [f"c{i}" for i in range(channels)], res)
 
 
-def load_image(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
+def load_image(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> InputCase:
     """One 2D image as every command reads it (explain, predict, grade): the model slice is
-    ``.images[0]`` (float32 [C, S, S] in [-1, 1]); ``.result.notes`` says what the readers changed.
+    ``.images[0]`` (float32 [C, S, S] in [-1, 1]); ``.notes`` says what the readers changed or assumed, and
+    ``log`` (when given) is called with one ``note: <file>: <note>`` line per note.
 
     Raises MedcfxError (one line, naming the file) for a volume, an unreadable or too small image.
     """
@@ -138,7 +133,11 @@ def load_image(path: Path, cfg: PreprocessConfig, channels: int) -> InputCase:
         raise MedcfxError(f"{path}: a volume where a 2D image is expected")
     if not path.exists():
         raise MedcfxError(f"cannot read {path}: no such file")
-    return _single_image_case(path, cfg, channels)
+    case = _single_image_case(path, cfg, channels)
+    if log is not None:
+        for note in case.notes:
+            log(f"note: {path.name}: {note}")
+    return case
 
 
 def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> list[InputCase]:
@@ -166,7 +165,7 @@ def _load_cases(path: Path, cfg: PreprocessConfig, channels: int) -> list[InputC
             return [_single_image_case(path, cfg, channels)]
         raise UsageError(f"{path}: unsupported input type (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM files "
                          f"of any name, a DICOM series folder, or a case folder)")
-    if _dicom_series_folder(path):
+    if is_dicom_series(path):
         return [_single_volume_case(path, cfg, channels)]
     layout = detect_layout(path, modalities=list(cfg.modalities))
     if layout.problems:

@@ -98,8 +98,9 @@ class Request:
     extra: dict = field(default_factory=dict)
 
     def log(self, message: str) -> None:
+        """Print one line to the user (plain text: file names with brackets are not read as markup)."""
         if self.console is not None:
-            self.console.print(message)
+            self.console.print(message, markup=False, highlight=False)
 
 
 @dataclass

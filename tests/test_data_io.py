@@ -207,9 +207,10 @@ def test_dicom_monochrome1_inverted_over_the_actual_range(tmp_path):
     stored = np.random.default_rng(1).integers(0, 4096, (6, 7)).astype(np.uint16)
     f = write_dicom(tmp_path / "cr.dcm", stored, photometric="MONOCHROME1", slope=2.0, intercept=10.0)
     im = read_image(f)
-    # MONOCHROME1: brightness order reversed within the ACTUAL range of the values (not the nominal 12 bits)
+    # MONOCHROME1: brightness order reversed within the ACTUAL range of the values (not the nominal 12
+    # bits), the darkest value at 0
     v = stored.astype(np.float64) * 2.0 + 10.0
-    np.testing.assert_allclose(im.data[0], v.min() + v.max() - v)
+    np.testing.assert_allclose(im.data[0], v.max() - v)
     # the brightest displayed pixel is the smallest stored value
     assert np.argmax(im.data[0]) == np.argmin(stored)
 

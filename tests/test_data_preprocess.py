@@ -303,7 +303,7 @@ def test_scale_image_rules():
         np.testing.assert_allclose(scale_image(y, sixteen, rule), np.clip(y / p, 0, 1), rtol=1e-6)
     meta = dict(sixteen)
     np.testing.assert_allclose(scale_image(y, meta, "nominal"), y / 65535, rtol=1e-6)
-    assert any("less than 1/16 of its 16-bit range" in n for n in meta["notes"])  # 4000 < 65535 / 16: said
+    assert any("less than 1/16 of its nominal range 0..65535" in n for n in meta["notes"])  # 4000 < 65535 / 16: said
     ct = np.random.default_rng(1).uniform(-1000, 2000, (1, 10, 10)).astype(np.float32)
     lo, hi = ct.min(), np.percentile(ct, 99)
     np.testing.assert_allclose(scale_image(ct, {"integer": False}), np.clip((ct - lo) / (hi - lo), 0, 1), rtol=1e-5, atol=1e-6)

@@ -57,6 +57,10 @@ def test_monochrome1_is_inverted_over_the_actual_range_not_bits_stored(tmp_path)
     m2 = read_image(dcm(tmp_path / "m2.dcm", 200 - s, photometric="MONOCHROME2", bits=15))
     np.testing.assert_array_equal(m1.data[0], 200.0 - s)
     np.testing.assert_array_equal(m1.data, m2.data)
+    # the same MONOCHROME2 content (200 - s) written as the complement over the nominal 15 bits, as most
+    # writers do: the same array (the darkest pixel is 0 in both)
+    m1n = read_image(dcm(tmp_path / "m1n.dcm", 32767 - (200 - s), photometric="MONOCHROME1", bits=15))
+    np.testing.assert_array_equal(m1n.data, m2.data)
     assert m1.meta["integer"] and m1.meta["bit_depth"] == 15 and m1.meta["voi_range"] is None
     assert m1.meta["padding"] is None and m1.meta["format"] == "dicom" and m1.meta["hu"] is False
 
@@ -73,9 +77,10 @@ def test_padding_pixels_are_marked_and_left_out_of_the_monochrome1_range(tmp_pat
         tags["PixelPaddingRangeLimit"] = limit
     im = read_image(dcm(tmp_path / "pad.dcm", s, photometric="MONOCHROME1", tags=tags))
     np.testing.assert_array_equal(im.meta["padding"], pad)
-    # valid pixels: inverse over their own range 100..300 (the padding 4000..4095 must not widen it)
-    np.testing.assert_array_equal(im.data[0][~pad], 400.0 - s[~pad])
-    assert im.data[0][~pad].min() == 100 and im.data[0][~pad].max() == 300
+    # valid pixels: inverted within their own range 100..300, darkest at 0 (the padding 4000..4095 must not
+    # widen the range)
+    np.testing.assert_array_equal(im.data[0][~pad], 300.0 - s[~pad])
+    assert im.data[0][~pad].min() == 0 and im.data[0][~pad].max() == 200
 
 
 def _linear_window(x, c, w, ymin, ymax):

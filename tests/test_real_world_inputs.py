@@ -254,6 +254,11 @@ def _storages(tmp_path: Path, x8: np.ndarray) -> dict[str, Path]:
         "dicom8": dcm(tmp_path / "d8.dcm", x8, bits=8),
         "dicom15": dcm(tmp_path / "IM0001", x8, bits=15),  # no suffix: found by its DICM marker
         "mono1": dcm(tmp_path / "m1.IMA", lo + hi - x8.astype(np.int32), bits=15, photometric="MONOCHROME1"),
+        # the complement over the nominal 15 bits, as most writers store MONOCHROME1
+        "mono1n": dcm(tmp_path / "m1n.dcm", 32767 - x8.astype(np.int32), bits=15, photometric="MONOCHROME1"),
+        # 12 stored bits mapped onto 0..255 by the modality LUT
+        "slope": dcm(tmp_path / "slope.dcm", np.round(x8 * (4095 / 255)).astype(np.int32), bits=12,
+                     tags={"RescaleSlope": f"{255 / 4095:.10f}", "RescaleIntercept": "0"}),
     }
     Image.fromarray(np.stack([x8] * 3, -1)).save(out["rgb"])
     Image.fromarray(x8).convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(out["palette"])
@@ -280,7 +285,8 @@ def test_every_storage_of_one_image_gives_the_same_model_input(tmp_path, cxr8):
     files = _storages(tmp_path, cxr8)
     cfg = PreprocessConfig(size=64)
     ref = load_image(files["png8"], cfg, 1).images[0]
-    for kind in ("png16", "rgb", "dicom8", "dicom15", "mono1"):
+    assert cxr8.min() == 0  # a radiograph with a black border: its MONOCHROME1 copies lose no offset
+    for kind in ("png16", "rgb", "dicom8", "dicom15", "mono1", "mono1n"):
         np.testing.assert_allclose(load_image(files[kind], cfg, 1).images[0], ref, atol=2e-6, err_msg=kind)
     pal = np.asarray(Image.open(files["palette"]).convert("L"))  # what the palette indices stand for
     if np.array_equal(pal, cxr8):
@@ -299,12 +305,15 @@ def test_nominal_rule_is_storage_invariant_for_widened_integers(tmp_path, cxr8):
     np.testing.assert_allclose(ref.images[0], want, atol=1e-6)
     for kind in ("png16", "rgb", "dicom8"):
         np.testing.assert_allclose(load_image(files[kind], cfg, 1).images[0], ref.images[0], atol=2e-6, err_msg=kind)
+    # a RescaleSlope mapping 12 stored bits onto 0..255: scaled over that nominal range, not by its percentile
+    np.testing.assert_allclose(load_image(files["slope"], cfg, 1).images[0], ref.images[0], atol=2 * 0.5 / 255)
     # 8-bit content in a 15-bit DICOM: scaled by 32767 it is dark, and the user is told
     dark = load_image(files["dicom15"], cfg, 1)
     assert dark.images[0].max() < -0.9
-    assert any("less than 1/16 of its 15-bit range" in n for n in dark.notes)
+    assert any("less than 1/16 of its nominal range 0..32767" in n for n in dark.notes)
     # MONOCHROME1 and MONOCHROME2 copies agree under every rule
     np.testing.assert_allclose(load_image(files["mono1"], cfg, 1).images[0], dark.images[0], atol=2e-6)
+    np.testing.assert_allclose(load_image(files["mono1n"], cfg, 1).images[0], dark.images[0], atol=2e-6)
 
 
 def test_bundled_cxr_model_gives_the_same_findings_for_8_and_16_bit_copies(tmp_path, cxr8, home):
@@ -318,6 +327,11 @@ def test_bundled_cxr_model_gives_the_same_findings_for_8_and_16_bit_copies(tmp_p
         run_cli(["predict", f, "--method", "mediffusion", "--out", tmp_path / f.stem], env=env, check=0)
         got.append((tmp_path / f.stem / "predictions.csv").read_text().splitlines()[1].split(",")[1:])
     assert got[0] == got[1]
+    # 8-bit content in a 15-bit DICOM reaches this model dark: predict says so
+    from test_dicom import dcm
+
+    r = run_cli(["predict", dcm(tmp_path / "IM15", cxr8, bits=15), "--method", "mediffusion"], env=env, check=0)
+    assert "note: IM15: uses less than 1/16 of its nominal range 0..32767" in r.stdout + r.stderr
 
 
 def test_grade_reads_an_rgb_copy_of_grey_content_like_the_grey_file(tmp_path, home):
@@ -460,3 +474,73 @@ def test_error_lines_show_file_names_verbatim_even_with_brackets(tmp_path, home)
     f = tmp_path / "scan[bold]01.png"
     r = run_cli(["explain", f, "--method", "mediffusion", "--target", "no-cardiomegaly"], env=cli_env(home))
     assert r.returncode != 0 and "scan[bold]01.png" in r.stderr, r.stderr
+
+
+def test_a_constant_channel_is_refused_by_prepare_and_reported_by_check(tmp_path, home):
+    """A modality constant over the brain (a mask saved as T1ce, an empty export) carries no contrast."""
+    root = write_brats(tmp_path / "b", n=2)
+    for case, value in (("BraTS_000", 100.0), ("BraTS_001", 0.0)):
+        f = root / case / f"{case}_t1ce.nii.gz"
+        img = nib.load(str(f))
+        x = np.asarray(img.get_fdata(), np.float32)
+        nib.save(nib.Nifti1Image(np.where(x != 0, value, 0).astype(np.float32), img.affine), str(f))
+    problems = "\n".join(check(root).problems)
+    assert "BraTS_000_t1ce.nii.gz): constant over the foreground" in problems
+    assert "BraTS_001_t1ce.nii.gz): constant over the foreground" in problems
+    with pytest.raises(MedcfxError, match="t1ce .*constant over the foreground"):
+        prepare(root, PreprocessConfig(size=8))
+
+
+def test_what_the_header_leaves_open_is_said(brains, tmp_path, home):
+    """No orientation codes: the voxel axes are used as stored (not nibabel's fallback affine), with a note;
+    qform and sform that disagree, and an oblique affine: notes."""
+    src = brains / "LPS"
+    case = sorted(p.name for p in src.iterdir())[0]
+    nocode = tmp_path / "nocode" / case
+    for f in sorted((src / case).glob("*.nii.gz")):
+        img = nib.load(str(f))
+        out = nib.Nifti1Image(np.asarray(img.dataobj), None)
+        out.set_qform(None, code=0)
+        out.set_sform(None, code=0)
+        nocode.mkdir(parents=True, exist_ok=True)
+        nib.save(out, str(nocode / f.name))
+    a = prepare(src, PreprocessConfig(size=16, min_foreground=0))
+    b = prepare(nocode.parent, PreprocessConfig(size=16, min_foreground=0))
+    # as stored: the LPS arrays sliced along voxel axis 2 without flips (= the LPS case's slices flipped back)
+    np.testing.assert_allclose(np.asarray(b.images), np.asarray(a.images[a.case_rows(case)])[:, :, ::-1, ::-1], atol=1e-6)
+    assert any("no orientation in the header" in i for i in check(nocode.parent).info)
+    # qform LPS, sform RAS: a note
+    dis = tmp_path / "dis" / case
+    shutil.copytree(brains / "RAS" / case, dis)
+    for f in sorted(dis.glob("*.nii.gz")):
+        img = nib.load(str(f))
+        img.set_qform(img.affine @ np.diag([-1.0, -1, 1, 1]), code=1)
+        nib.save(img, str(f))
+    assert any("qform and sform disagree" in i for i in check(dis.parent).info)
+    # oblique by 5 degrees about z: a note
+    obl = tmp_path / "obl" / case
+    c, s_ = np.cos(np.radians(5)), np.sin(np.radians(5))
+    rot = np.array([[c, -s_, 0, 0], [s_, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    for f in sorted((brains / "RAS" / case).glob("*.nii.gz")):
+        img = nib.load(str(f))
+        obl.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), rot @ img.affine), str(obl / f.name))
+    assert any("oblique by up to 5.0 degrees" in i for i in check(obl.parent).info)
+
+
+def test_a_dicom_series_folder_is_one_volume_for_check_and_prepare_too(tmp_path, home):
+    t2 = DEMO_CASE / "demo_case_t2.nii.gz"
+    series = tmp_path / "t2_series"
+    _nifti_as_dicom_series(t2, series)
+    report = check(series)
+    assert report.ok and report.kind == "dicom" and report.shapes == {"x".join(map(str, nib.load(str(t2)).shape)): 1}
+    nifti_case = tmp_path / "nii" / "demo_case"
+    nifti_case.mkdir(parents=True)
+    shutil.copy(t2, nifti_case / "demo_case_t2.nii.gz")
+    a = prepare(nifti_case, PreprocessConfig(size=16, modalities=("t2",)))
+    b = prepare(series, PreprocessConfig(size=16, modalities=("t2",)))
+    assert b.kind == "dicom" and len(b) == len(a)
+    np.testing.assert_allclose(np.asarray(b.images), np.asarray(a.images), atol=1e-6)
+    # a missing slice is a problem check reports (not a folder of 2D images)
+    sorted(series.iterdir())[3].unlink()
+    assert any("not evenly spaced" in p for p in check(series).problems)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medcfx.data.geometry import MIN_SIDE, axcodes
+from medcfx.data.intensity import scale_volume
 from medcfx.data.io import read_image, read_volume
 from medcfx.data.layouts import Layout, detect_layout, load_layout
 from medcfx.data.layouts_npz import iter_npz_rows, npz_member_header
@@ -106,7 +107,7 @@ def check(path: str | Path, kind: str | None = None, modalities=None) -> Report:
         _check_volumes(layout, report)
     else:
         _check_images(layout, report)
-    if layout.kind not in ("brats", "nnunet"):
+    if layout.dims != 3 and layout.kind != "nnunet":  # else labels come from the masks (counted per case)
         report.label_counts = _count_labels(layout)
     splits = Counter(c.split for c in layout.cases if c.split)
     report.splits = dict(sorted(splits.items()))
@@ -146,6 +147,8 @@ def _check_volumes(layout: Layout, report: Report) -> None:
             continue
         try:
             geom, fg, case_notes = volume_case_geometry(case, list(layout.channels), vols, seg, cfg)
+            for name, v in zip(layout.channels, vols):  # the scaling prepare applies: a constant channel
+                case_notes += scale_volume(v.data, fg, cfg.percentile, cfg.clip, f"{name} ({v.path})")[1]
         except MedcfxError as exc:
             report.problems.append(f"{exc} ({case.channels[0].parent})" if str(case.channels[0].parent) not in str(exc) else str(exc))
             continue

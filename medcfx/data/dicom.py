@@ -7,8 +7,9 @@ carries the ``DICM`` marker at byte 128 (:func:`medcfx.data.io.is_dicom_file`), 
 
 :func:`read_dicom_image` -> :class:`~medcfx.data.io.Image2D`
     modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence), then the VOI LUT or window when the
-    file has one (``meta["voi_range"]`` = its output range), then MONOCHROME1 inverted over the actual
-    range of the valid pixels (or over the VOI output range) so that larger always means brighter.
+    file has one (``meta["voi_range"]`` = its output range), then MONOCHROME1 inverted so that larger always
+    means brighter (:func:`invert_monochrome1`); ``meta["nominal_range"]``: what the storage can hold
+    through the modality LUT (:func:`nominal_range`).
 :func:`read_dicom_series` -> :class:`~medcfx.data.io.Volume`
     all files of one series sorted along the slice normal; ``data`` [columns, rows, slices]; ``affine``
     voxel -> RAS+ world (mm), as nibabel's NIfTI affines.
@@ -145,20 +146,59 @@ def _voi(x: np.ndarray, ds, notes: list[str]) -> tuple[np.ndarray, tuple[float, 
     return y.astype(np.float64), rng
 
 
+def invert_monochrome1(x: np.ndarray, padding: np.ndarray | None,
+                       voi_range: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """MONOCHROME1 (the minimum sample is displayed white) -> larger is brighter; returns (x', (lo, hi)).
+
+    With a VOI window: x' = lo + hi - x over its output range (lo, hi). Without one a MONOCHROME1 file does
+    not record where black is, so the actual range (lo, hi) of the valid (non-padding) values is inverted
+    and the darkest value placed at 0: x' = hi - x. A MONOCHROME2 copy whose darkest pixel is 0 (a
+    radiograph with a black border) then gives the same array, whether the MONOCHROME1 file was written as
+    the complement over the nominal range (2**BitsStored - 1 - v) or over its own range.
+    """
+    if voi_range is not None:
+        lo, hi = (float(v) for v in voi_range)
+        return (lo + hi) - x, (lo, hi)
+    valid = x[~padding] if padding is not None and not padding.all() else x
+    lo, hi = float(valid.min()), float(valid.max())
+    return hi - x, (lo, hi)
+
+
+def nominal_range(ds, stored: np.ndarray) -> tuple[float, float]:
+    """The values the file's storage can hold, through its modality LUT: (lo, hi).
+
+    The stored range is [0, 2**BitsStored - 1] (or the signed range for PixelRepresentation 1); pydicom's
+    ``apply_modality_lut`` maps both ends (a RescaleSlope may be negative: the result is sorted).
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8) or stored.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
+    if ds.get("ModalityLUTSequence") or "RescaleSlope" in ds:
+        try:
+            ends = np.asarray(apply_modality_lut(ends.astype(stored.dtype if stored.dtype.kind in "iu" else np.int64), ds),
+                              dtype=np.float64)
+        except Exception:  # a LUT that cannot take the ends: the stored range itself
+            pass
+    return float(np.min(ends)), float(np.max(ends))
+
+
 def read_dicom_image(path: str | Path) -> Image2D:
     """Read a single-frame DICOM file as an :class:`~medcfx.data.io.Image2D`.
 
     Returns ``data`` float32 [C, H, W] (C = 1 for MONOCHROME1/2, 3 for RGB, YBR_* converted to RGB and
     PALETTE COLOR through its palette). Grey values: stored value -> modality LUT (RescaleSlope/Intercept;
     HU for CT) -> VOI LUT or window when the file has one (not for CT in HU: those are scaled by one fixed HU
-    window, :data:`medcfx.data.intensity.HU_WINDOW`, whatever window a file carries) -> MONOCHROME1 inverted as ``v' = lo + hi - v``
-    with (lo, hi) the VOI output range, or else the min and max of the valid (non-padding) pixels.
+    window, :data:`medcfx.data.intensity.HU_WINDOW`, whatever window a file carries) -> MONOCHROME1
+    inverted by :func:`invert_monochrome1`.
 
     ``meta``: ``format`` "dicom"; ``mode`` the photometric interpretation; ``modality`` (ds.Modality or
-    None); ``hu`` (CT whose modality LUT gives Hounsfield units: the values are HU); ``bit_depth`` (BitsStored); ``integer`` (True when
-    the values are the stored integers, only inverted for MONOCHROME1); ``voi_range`` (lo, hi) or None;
-    ``padding`` bool [H, W] of the PixelPaddingValue pixels or None; ``rescale`` [slope, intercept] or
-    None; ``notes`` list of str.
+    None); ``hu`` (CT whose modality LUT gives Hounsfield units: the values are HU); ``bit_depth``
+    (BitsStored); ``integer`` (True when the values are the stored integers, only inverted for
+    MONOCHROME1); ``voi_range`` (lo, hi) or None; ``nominal_range`` (lo, hi) of the storage through the
+    modality LUT (after a MONOCHROME1 inversion: (0, hi - lo)) or None when a VOI applied; ``padding`` bool
+    [H, W] of the PixelPaddingValue pixels or None; ``rescale`` [slope, intercept] or None; ``notes``.
 
     Errors (:class:`~medcfx.errors.MedcfxError`, one line naming the file): pydicom missing, unreadable
     file, no pixel data, multi-frame, pixel data pydicom cannot decode (with pydicom's full reason),
@@ -211,14 +251,14 @@ def read_dicom_image(path: str | Path) -> Image2D:
     meta["voi_range"] = voi_range
     meta["integer"] = not changed and voi_range is None
     x = np.asarray(x, dtype=np.float64)
+    n0, n1 = nominal_range(ds, stored)
+    meta["nominal_range"] = None if voi_range is not None else (n0, n1)
     if photometric == "MONOCHROME1":
-        if voi_range is not None:
-            lo, hi = voi_range
-        else:
-            valid = x[~pad] if pad is not None and not pad.all() else x
-            lo, hi = float(valid.min()), float(valid.max())
-        x = (lo + hi) - x
-        notes.append(f"MONOCHROME1 inverted over {lo:g}..{hi:g}")
+        x, (lo, hi) = invert_monochrome1(x, pad, voi_range)
+        notes.append(f"MONOCHROME1 inverted ({lo:g}..{hi:g} -> {hi:g}..{lo:g}, darkest pixel 0)" if voi_range is None
+                     else f"MONOCHROME1 inverted over the VOI output range {lo:g}..{hi:g}")
+        if voi_range is None:
+            meta["nominal_range"] = (0.0, n1 - n0)
     data = np.ascontiguousarray(x[None], dtype=np.float32)
     _check_finite(data, path)
     return Image2D(data=data, path=path, meta=meta)
@@ -249,6 +289,24 @@ def dicom_files(folder: str | Path) -> list[Path]:
     except OSError as exc:
         raise MedcfxError(f"cannot list {folder}: {exc.strerror or exc}") from None
     return [p for p in entries if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file() and is_dicom_file(p)]
+
+
+def is_dicom_series(folder: str | Path) -> bool:
+    """True when every visible file of ``folder`` is DICOM and the first carries ImagePositionPatient and
+    ImageOrientationPatient (slices of a volume; radiographs carry neither and stay a folder of images).
+    Reads one header; never raises."""
+    folder = Path(folder)
+    try:
+        visible = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
+        files = dicom_files(folder)
+        if not files or len(files) != len(visible):
+            return False
+        import pydicom
+
+        ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+        return ds.get("ImagePositionPatient") is not None and ds.get("ImageOrientationPatient") is not None
+    except Exception:
+        return False
 
 
 def read_dicom_series(folder: str | Path) -> Volume:
@@ -342,10 +400,8 @@ def read_dicom_series(folder: str | Path) -> Volume:
     padding = None if all(p is None for p in pads) else np.stack(
         [(p if p is not None else np.zeros((ds0.Rows, ds0.Columns), bool)).T for p in pads], axis=-1)
     if photometric == "MONOCHROME1":
-        valid = data[~padding] if padding is not None and not padding.all() else data
-        lo, hi = float(valid.min()), float(valid.max())
-        data = (lo + hi) - data
-        notes.append(f"MONOCHROME1 inverted over {lo:g}..{hi:g}")
+        data, (lo, hi) = invert_monochrome1(data, padding, None)
+        notes.append(f"MONOCHROME1 inverted ({lo:g}..{hi:g} -> {hi:g}..{lo:g}, darkest voxel 0)")
     data = np.ascontiguousarray(data, dtype=np.float32)
     _check_finite(data, folder)
     lps = np.eye(4)

@@ -58,6 +58,44 @@ def canonical_ornt(affine: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(f)) for a, f in ornt)
 
 
+def volume_orientation(volume, where: str) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+    """(storage -> RAS+ transform, notes) of a :class:`~medcfx.data.io.Volume`, checking what its header says.
+
+    - NIfTI with qform_code = sform_code = 0 (no orientation recorded; nibabel's affine is a fallback):
+      the voxel axes are used as stored (identity, axis 2 taken as axial), with a note saying so.
+    - qform and sform both set but placing the voxels differently (more than ``GRID_ATOL_MM``): a note (the
+      sform is used, as nibabel does; a tool that reads the qform places input and outputs elsewhere).
+    - an oblique affine (obliquity above 0.5 degree, :func:`nibabel.affines.obliquity`): a note (sliced along
+      the closest voxel axes, never resampled).
+
+    Raises MedcfxError naming ``where`` for a singular affine.
+    """
+    from nibabel.affines import obliquity
+
+    notes: list[str] = []
+    hdr = volume.header
+    if hdr is not None and hasattr(hdr, "get_qform"):
+        qc, sc = int(hdr["qform_code"]), int(hdr["sform_code"])
+        if qc == 0 and sc == 0:
+            notes.append("no orientation in the header (qform and sform codes are 0): the voxel axes are used as "
+                         "stored, axis 2 taken as axial; check that this is right")
+            return IDENTITY_ORNT, notes
+        if qc > 0 and sc > 0:
+            diff = grid_mismatch(volume.shape, hdr.get_qform(), volume.shape, hdr.get_sform())
+            if diff is not None:
+                notes.append(f"qform and sform disagree ({diff.replace('same shape ' + str(tuple(volume.shape)) + ' but ', '')}): "
+                             f"the sform is used, as nibabel does; tools that read the qform place it elsewhere")
+    try:
+        ornt = canonical_ornt(volume.affine)
+    except MedcfxError as exc:
+        raise MedcfxError(f"{where}: {exc}") from None
+    angle = float(np.degrees(np.max(obliquity(np.asarray(volume.affine, dtype=np.float64)))))
+    if angle > 0.5:
+        notes.append(f"oblique by up to {angle:.1f} degrees: sliced along the closest voxel axes ({axcodes(volume.affine)}), "
+                     f"not resampled")
+    return ornt, notes
+
+
 def to_canonical(data: np.ndarray, ornt: Sequence[Sequence[int]]) -> np.ndarray:
     """Array in storage order [X, Y, Z] (trailing dims kept) -> canonical RAS+ order (a view: flips/transposes)."""
     from nibabel.orientations import apply_orientation

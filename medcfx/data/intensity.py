@@ -23,10 +23,12 @@ Every rule maps raw values to u in [0, 1] (the model then sees 2u - 1). One func
         (within its rounding), RGB of grey, palette PNG, DICOM of any BitsStored, MONOCHROME1 (inverted by
         the reader over its actual range).
     ``nominal``
-        Integer images over the nominal range of their storage, u = x / (2**bits - 1) (8-bit PNG/JPEG: / 255;
-        16-bit PNG: / 65535, so an 8-bit image widened to 16 bits by x 257 is the same array; DICOM: its
-        BitsStored); non-integer images by the percentile rule. A note is added when an integer image uses
-        less than 1/16 of its nominal range (8-bit content in a 15-bit DICOM, say): its scaled values are dark.
+        Images over the nominal range of their storage, u = (x - lo) / (hi - lo): 8-bit PNG/JPEG (0, 255);
+        16-bit PNG (0, 65535), so an 8-bit image widened to 16 bits by x 257 is the same array; DICOM: its
+        BitsStored range through its modality LUT (``meta["nominal_range"]`` of the reader, so a RescaleSlope
+        that maps 12 stored bits onto 0..255 is scaled over 0..255); float images by the percentile rule. A
+        note is added when an image uses less than 1/16 of its nominal range (8-bit content in a 15-bit
+        DICOM, say): its scaled values are dark.
     ``legacy``
         What models trained before the rule was recorded saw: 8-bit integer images / 255, every other image
         by the percentile rule. Registry entries without a recorded rule are replayed with it.
@@ -80,16 +82,18 @@ def foreground_mask(channels: list[np.ndarray], names: list[str] | None = None) 
 def scale_volume(x: np.ndarray, fg: np.ndarray, percentile: float, clip: bool, name: str = "volume") -> tuple[np.ndarray, list[str]]:
     """Scale ``x`` (float32 [X, Y, Z], modified IN PLACE) by the foreground rule; returns (x, notes).
 
-    Raises MedcfxError when the percentile does not exceed lo (a constant foreground: nothing to scale by).
+    Raises MedcfxError when the percentile does not exceed the foreground's minimum (a channel constant
+    over the foreground: an empty or missing modality, a mask stored as an image).
     """
     notes: list[str] = []
     vals = x[fg]
-    lo = min(0.0, float(vals.min()))
+    vmin = float(vals.min())
+    lo = min(0.0, vmin)
     p = float(np.percentile(vals, percentile, overwrite_input=True))  # vals is a copy: sorted in place
     del vals
-    if not p > lo:
-        raise MedcfxError(f"{name}: the {percentile:g}th percentile of the foreground is {p:g}, not above its "
-                          f"minimum {lo:g}: a constant image cannot be normalised")
+    if not p > vmin:
+        raise MedcfxError(f"{name}: constant over the foreground (its {percentile:g}th percentile {p:g} equals its "
+                          f"minimum): no contrast to normalise (an empty or missing modality?)")
     if lo < 0:
         notes.append(f"{name}: foreground holds negative values (z-score normalised?): shifted by its minimum {lo:.4g}")
         x -= np.float32(lo)
@@ -117,8 +121,9 @@ def scale_image(data: np.ndarray, meta: dict, rule: str = "percentile", percenti
     """Raw 2D image values float [C, H, W] -> float32 [C, H, W] in [0, 1] by ``rule`` (module docstring).
 
     ``meta`` is the reader's (:class:`medcfx.data.io.Image2D`): ``integer``, ``bit_depth``, and for DICOM
-    ``hu`` (CT in HU), ``voi_range`` (lo, hi) and ``padding`` (bool [H, W]); padding pixels come out 0.
-    A note is appended to ``meta["notes"]`` when the nominal rule meets an image using < 1/16 of its range.
+    ``hu`` (CT in HU), ``voi_range`` (lo, hi), ``nominal_range`` (lo, hi) and ``padding`` (bool [H, W]);
+    padding pixels come out 0. A note is appended to ``meta["notes"]`` when the nominal rule meets an image
+    using < 1/16 of its range.
     Raises MedcfxError for an unknown rule.
     """
     if rule not in INTENSITY_RULES:
@@ -127,17 +132,21 @@ def scale_image(data: np.ndarray, meta: dict, rule: str = "percentile", percenti
     pad = meta.get("padding")
     valid = None if pad is None else ~np.asarray(pad, dtype=bool)
     integer, bits = bool(meta.get("integer")), int(meta.get("bit_depth", 0) or 0)
+    nominal = meta.get("nominal_range") or ((0.0, float(2**bits - 1)) if integer and bits > 0 else None)
     if meta.get("hu"):
         u = (x - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0])
     elif meta.get("voi_range") is not None:
         lo, hi = (float(v) for v in meta["voi_range"])
         u = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    elif integer and bits > 0 and (rule == "nominal" or (rule == "legacy" and bits == 8)):
-        top = float(2**bits - 1)
-        if rule == "nominal" and bits > 8 and float(x.max()) < top / 16:
+    elif rule == "nominal" and nominal is not None and nominal[1] > nominal[0]:
+        lo, hi = (float(v) for v in nominal)
+        used = float((x if valid is None else x[:, valid]).max()) - lo
+        if used < (hi - lo) / 16:
             meta.setdefault("notes", []).append(
-                f"uses less than 1/16 of its {bits}-bit range (max {float(x.max()):g}): scaled by {top:g} it is dark")
-        u = x / top
+                f"uses less than 1/16 of its nominal range {lo:g}..{hi:g} (max {used + lo:g}): it reaches the model dark")
+        u = (x - lo) / (hi - lo)
+    elif rule == "legacy" and integer and bits == 8:
+        u = x / 255.0
     else:
         u = _percentile_rule(x, valid, percentile)
     if clip:

@@ -41,6 +41,10 @@ Kinds (``LAYOUT_KINDS``):
     [N, H, W] or [N, H, W, C] uint8. Labels: one 0/1 column -> label ``label``; several columns
     (multi-label) -> ``label_0`` ...; one integer column with values above 1 (multi-class) -> one-hot
     ``class_0`` ... and the class index also as ``grade``.
+``dicom``
+    A folder holding one DICOM series (every file DICOM, the first with ImagePositionPatient and
+    ImageOrientationPatient): one single-channel volume case named after the folder, read by
+    :func:`medcfx.data.dicom.read_dicom_series`. A folder of radiographs (no position) is a ``folder``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from medcfx.data.io import (
 )
 from medcfx.errors import MedcfxError, UsageError
 
-LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "decathlon", "npz")
+LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "decathlon", "npz", "dicom")
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SPLITS = ("train", "val", "test")
 
@@ -217,6 +221,10 @@ def detect_kind(path: str | Path) -> str:
     npz = [p for p in entries if p.is_file() and suffix_of(p) == ".npz"]
     if len(npz) == 1:
         return "npz"
+    from medcfx.data.dicom import is_dicom_series
+
+    if is_dicom_series(path):
+        return "dicom"  # one DICOM series: a volume
     if any(p.is_file() and is_image_file(p) for p in entries):
         return "folder"  # a plain folder of images: unlabelled (unsupervised training)
     raise MedcfxError(
@@ -256,9 +264,26 @@ def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = 
         from medcfx.data.layouts_nnunet import scan_decathlon
 
         return scan_decathlon(path, mods)
+    if kind == "dicom":
+        return scan_dicom_series(path)
     from medcfx.data.layouts_npz import scan_npz
 
     return scan_npz(path)
+
+
+def scan_dicom_series(path: Path) -> Layout:
+    """A folder holding one DICOM series: a dataset of one single-channel volume case (its files are part of
+    the fingerprint; :func:`medcfx.data.io.read_volume` reads the folder)."""
+    from medcfx.data.dicom import dicom_files
+
+    if not path.is_dir():
+        raise MedcfxError(f"{path}: a DICOM series is a folder of DICOM files")
+    files = dicom_files(path)
+    if not files:
+        raise MedcfxError(f"{path}: no DICOM files (none carries the DICM marker)")
+    case = Case(id=path.name, channels=[path], labels={"unhealthy": math.nan})
+    return Layout("dicom", path.parent, [case], ["image"], ["unhealthy"], [], [f"one DICOM series of {len(files)} file(s)"],
+                  dims=3, extra_files=files)
 
 
 # ---------------------------------------------------------------------------------------------------------

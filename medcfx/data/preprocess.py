@@ -56,9 +56,9 @@ from medcfx.data.geometry import (
     IDENTITY_ORNT,
     SliceGeometry,
     axcodes,
-    canonical_ornt,
     check_same_grid,
     to_canonical,
+    volume_orientation,
 )
 from medcfx.data.intensity import (
     CHANNEL_NAMES_2D,
@@ -179,18 +179,26 @@ def volume_case_geometry(case: Case, names: list[str], vols: list[Volume], seg: 
     """Everything about a volume case that can refuse it, before any scaling (shared with ``data check``).
 
     Returns (geometry with every canonical slice kept, foreground bool [X, Y, Z] in storage order, notes).
-    Raises MedcfxError: files not on one grid, a singular affine, no foreground.
+    Notes: the storage orientation, what the header leaves open (:func:`~medcfx.data.geometry.volume_orientation`),
+    the readers' notes, the background values. Raises MedcfxError: files not on one grid, a singular affine,
+    no foreground.
     """
     items = list(zip(names, vols)) + ([("segmentation", seg)] if seg is not None else [])
     check_same_grid(f"case {case.id}", items)
-    ornt = canonical_ornt(vols[0].affine)
+    ornt, notes = volume_orientation(vols[0], f"{vols[0].path}")
     shape = tuple(vols[0].shape)
     geom = SliceGeometry(shape, cfg.axis, cfg.size, (), ornt)
     geom = dataclasses.replace(geom, kept=tuple(range(geom.canonical_shape[cfg.axis])))
-    fg, notes = foreground_mask([v.data for v in vols], names)
     if geom.ornt != IDENTITY_ORNT:
         notes.insert(0, f"stored as {axcodes(vols[0].affine)}: sliced after reorientation to RAS+; outputs are "
                         f"written back in the input's own voxel order and affine")
+    for v in vols + ([seg] if seg is not None else []):  # what the readers did (a DICOM series: MONOCHROME1 ...)
+        notes += [f"{v.path.name}: {n}" for n in v.meta.get("notes", [])]
+    fg, more = foreground_mask([v.data for v in vols], names)
+    notes += more
+    for v in vols:  # DICOM PixelPaddingValue voxels are never foreground
+        if v.meta.get("padding") is not None:
+            fg &= ~np.asarray(v.meta["padding"], dtype=bool)
     if not fg.any():
         raise MedcfxError(f"case {case.id}: no foreground (every voxel of every channel equals its background "
                           f"value) in {case.channels[0].parent}")
@@ -217,7 +225,7 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
     n, S = len(kept), cfg.size
     images = np.empty((n, len(vols), S, S), dtype=np.float32)
     for c, (name, v) in enumerate(zip(names, vols)):
-        x, more = scale_volume(v.data, fg, cfg.percentile, cfg.clip, f"{name} ({v.path.name})")
+        x, more = scale_volume(v.data, fg, cfg.percentile, cfg.clip, f"{name} ({v.path})")
         notes += more
         images[:, c] = geom.to_model(x)
         v.data = None  # type: ignore[assignment]  (free the volume early)

@@ -37,11 +37,12 @@ def _steps(request, loaded) -> tuple[int, int]:
     return enc, dec
 
 
-def _read_inputs(paths, loaded) -> list[np.ndarray]:
-    """Every input read and checked first: a bad one stops the command before anything is computed."""
+def _read_inputs(paths, loaded, log=None) -> list[np.ndarray]:
+    """Every input read and checked first: a bad one stops the command before anything is computed;
+    the readers' notes go to ``log``."""
     if not paths:
         raise UsageError("no input image given")
-    return [load_input(Path(p), loaded.preprocess, loaded.model.channels) for p in paths]
+    return [load_input(Path(p), loaded.preprocess, loaded.model.channels, log=log) for p in paths]
 
 
 def _out_dirs(out: Path, paths) -> list[Path]:
@@ -176,7 +177,7 @@ class GraderSampler:
         cname = classifier or grader.info.get("classifier", "svm")
         enc, dec = _steps(request, loaded)
         grades = _target_grades(request.options.get("grades"), grader)
-        xs = _read_inputs(request.inputs, loaded)
+        xs = _read_inputs(request.inputs, loaded, log=request.log)
         out = Path(request.out or "medcfx-out")
         results = []
         for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):
@@ -270,7 +271,7 @@ class AESampler:
         if grader is not None:
             grader.plane(classifier)
         enc, dec = _steps(request, loaded)
-        xs = _read_inputs(request.inputs, loaded)
+        xs = _read_inputs(request.inputs, loaded, log=request.log)
         out = Path(request.out or "medcfx-out")
         summary = []
         for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):

@@ -166,9 +166,10 @@ def preprocess_config(prep: dict):
     return PreprocessConfig.from_dict(prep)
 
 
-def load_input(path: Path, prep: dict, channels: int) -> np.ndarray:
+def load_input(path: Path, prep: dict, channels: int, log=None) -> np.ndarray:
     """One image file -> float32 [C, S, S] in [-1, 1], read and scaled as every command reads a 2D image
-    (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma).
+    (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma); ``log``
+    gets one line per note of the reader (MONOCHROME1 inverted, CT window, a dark nominal range ...).
 
     Raises UsageError for a NIfTI volume and MedcfxError (one line naming the file) for an unreadable image.
     """
@@ -178,7 +179,7 @@ def load_input(path: Path, prep: dict, channels: int) -> np.ndarray:
     path = Path(path)
     if is_volume_file(path) or path.is_dir():
         raise UsageError(f"{path}: diffae works on 2D images (PNG, TIFF, DICOM, .npy), not volumes")
-    return load_image(path, preprocess_config(prep), channels).images[0]
+    return load_image(path, preprocess_config(prep), channels, log=log).images[0]
 
 
 def to_display(x: np.ndarray) -> np.ndarray:

@@ -59,12 +59,13 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def read_input(path: Path, pp: PreprocessConfig, channels: int) -> tuple[torch.Tensor, SliceGeometry]:
+def read_input(path: Path, pp: PreprocessConfig, channels: int, log=None) -> tuple[torch.Tensor, SliceGeometry]:
     """One 2D image -> (x float32 [1, C, S, S] in [-1, 1], geometry), read and scaled as every command reads
-    a 2D image (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma)."""
+    a 2D image (:func:`medcfx.inputs.load_image`: the model's recorded intensity rule, grey <-> RGB by luma);
+    ``log`` gets one line per note of the reader."""
     from medcfx.inputs import load_image
 
-    case = load_image(Path(path), pp, channels)
+    case = load_image(Path(path), pp, channels, log=log)
     return torch.from_numpy(np.ascontiguousarray(case.images, dtype=np.float32)), case.result.geometry
 
 

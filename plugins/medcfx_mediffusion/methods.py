@@ -352,7 +352,7 @@ class JointScorer:
         paths = expand_inputs(request.inputs)
         rows = []
         for p in paths:
-            x, _ = read_input(p, pp, int(entry.config["ae"]["network"]["in_channels"]))
+            x, _ = read_input(p, pp, int(entry.config["ae"]["network"]["in_channels"]), log=request.log)
             probs = classify(model, codec.encode(x.to(request.device)).cpu(), ccfg["kind"])[0]
             rows.append({"file": str(p), **{f: round(float(v), 6) for f, v in zip(ccfg["findings"], probs)}})
         from rich.table import Table
@@ -454,7 +454,7 @@ class JointSampler:
         pp = _pp_of(c["preprocess"])
         channels = int(c["ae"]["network"]["in_channels"])
         paths = expand_inputs(request.inputs)
-        loaded = [(p, *read_input(p, pp, channels)) for p in paths]  # every input is read before anything is written
+        loaded = [(p, *read_input(p, pp, channels, log=request.log)) for p in paths]  # every input is read before anything is written
         out = Path(request.out)
         out.mkdir(parents=True, exist_ok=True)
         params = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps, "sampler": sampler,
