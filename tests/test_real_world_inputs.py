@@ -70,6 +70,8 @@ def test_prepare_sees_the_same_slices_whatever_the_storage_order(brains, codes, 
     ras = prepare(brains / "RAS", PreprocessConfig(size=16))
     other = prepare(brains / codes, PreprocessConfig(size=16))
     assert other.cases == ras.cases
+    assert other.notes.get(f"stored as {codes}: sliced after reorientation to RAS+; outputs are written back in "
+                           f"the input's own voxel order and affine") == 2 and not ras.notes
     np.testing.assert_array_equal(other.slice_index, ras.slice_index)
     np.testing.assert_allclose(np.asarray(other.images), np.asarray(ras.images), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(other.masks), np.asarray(ras.masks))

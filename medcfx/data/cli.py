@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medcfx.errors import MedcfxError, UsageError
@@ -115,6 +116,7 @@ def prepare_cmd(
         "size": ss.size,
         "labels": ss.label_counts(),
         "masks": ss.masks is not None,
+        "notes": ss.notes,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -127,6 +129,11 @@ def prepare_cmd(
     for name, counts in summary["labels"].items():
         t.add_row(f"label {name}", ", ".join(f"{k} {v}" for k, v in counts.items()))
     t.add_row("masks", "yes" if summary["masks"] else "no")
+    notes = sorted(ss.notes.items(), key=lambda kv: -kv[1])
+    for note, k in notes[:10]:
+        t.add_row(f"note ({k} case(s))", escape(note))
+    if len(notes) > 10:
+        t.add_row("notes", f"... and {len(notes) - 10} more (see --json)")
     console.print(t)
     console.print(f"cache folder: {summary['cache']}", highlight=False, soft_wrap=True)
 

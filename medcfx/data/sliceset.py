@@ -181,6 +181,11 @@ class SliceSet:
         return self._index["kind"]
 
     @property
+    def notes(self) -> dict[str, int]:
+        """What the readers and the preprocessing changed or assumed: note -> number of cases."""
+        return dict(self._index.get("notes", {}))
+
+    @property
     def source(self) -> Path:
         """The dataset folder (input files are relative to it)."""
         return self._root
