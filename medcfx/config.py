@@ -78,13 +78,48 @@ def parse_set(items: Iterable[str]) -> dict:
     return out
 
 
+def _check_type(path: str, value: Any, default: Any) -> None:
+    """Refuse a value whose kind differs from its default's (UsageError naming the key).
+
+    A mapping needs a mapping; an int default an integer; a float default a finite number (NaN and inf
+    would run to the end and write NaN maps); a bool default true/false; a list default a list. A string
+    default (``"auto"``, ``"cv"``, ``"all"``) also takes a finite number; only a null default takes null
+    (and anything else).
+    """
+    import math
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if default is None:
+        return
+    if isinstance(default, dict):
+        ok, want = isinstance(value, dict), "a mapping of keys"
+    elif isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = finite(value), "a finite number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str) or finite(value), "a string or a finite number"
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(value, (list, tuple)), "a list"
+    else:
+        return
+    if not ok:
+        raise UsageError(f"config key '{path}' must be {want} (default {default!r}), got {value!r}")
+
+
 def check_keys(config: dict, reference: dict, where: str = "") -> None:
-    """Refuse keys that the reference (defaults) does not know: a typo must not be silently ignored."""
+    """Refuse keys that the reference (defaults) does not know (a typo must not be silently ignored) and
+    values whose type differs from the default's (:func:`_check_type`)."""
     for key, value in config.items():
         path = f"{where}.{key}" if where else key
         if key not in reference:
             known = ", ".join(sorted(reference)) or "none"
             raise UsageError(f"unknown config key '{path}' (known at this level: {known})")
+        _check_type(path, value, reference[key])
         if isinstance(value, dict) and isinstance(reference[key], dict) and reference[key]:
             check_keys(value, reference[key], path)
 

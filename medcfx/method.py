@@ -14,6 +14,8 @@ options (declared as :class:`Option` per command) and hands the method one :clas
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +73,8 @@ class Option:
                 value = self.type(raw)
         except ValueError:
             raise UsageError(f"{self.flag} expects {self.type.__name__}, got {raw!r}") from None
+        if self.type is float and not math.isfinite(value):
+            raise UsageError(f"{self.flag} must be a finite number, got {raw!r}")
         if self.choices and value not in self.choices:
             raise UsageError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {raw!r}")
         return value

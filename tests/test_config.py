@@ -22,3 +22,42 @@ def test_resolve_layers_override_in_order_and_keep_defaults_intact():
 def test_typos_and_malformed_overrides_are_refused(bad):
     with pytest.raises(UsageError):
         resolve(DEFAULTS, parse_set(bad))
+
+
+TYPED = {"train": {"steps": 100, "lr": 1.0e-4, "ema_warmup": True, "batch_size": 8},
+            "explain": {"guidance": 3.0, "steps": "all", "t": None, "grades": [0, 1]},
+            "grader": {"svm_C": "cv"}}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps=abc", "'train.steps' must be an integer"),
+    ("train.steps=2.5", "'train.steps' must be an integer"),
+    ("train.steps=null", "'train.steps' must be an integer"),
+    ("train=5", "'train' must be a mapping"),
+    ("train.lr=fast", "'train.lr' must be a finite number"),
+    ("train.lr=.nan", "'train.lr' must be a finite number"),
+    ("train.lr=.inf", "'train.lr' must be a finite number"),
+    ("train.ema_warmup=2", "'train.ema_warmup' must be true or false"),
+    ("explain.guidance=[1,2]", "'explain.guidance' must be a finite number"),
+    ("explain.grades=3", "'explain.grades' must be a list"),
+    ("explain.steps=[1]", "'explain.steps' must be a string or a finite number"),
+])
+def test_set_values_are_checked_against_the_type_of_their_default(item, message):
+    with pytest.raises(UsageError, match=message):
+        resolve(TYPED, parse_set([item]))
+
+
+def test_set_values_of_the_right_kind_pass():
+    got = resolve(TYPED, parse_set(["train.steps=7", "train.lr=1", "explain.steps=50", "explain.t=300",
+                                       "grader.svm_C=0.01", "explain.guidance=2e-1"]))
+    assert got["train"]["steps"] == 7 and got["train"]["lr"] == 1 and got["explain"]["steps"] == 50
+    assert got["explain"]["t"] == 300 and got["grader"]["svm_C"] == 0.01 and got["explain"]["guidance"] == 0.2
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+def test_float_options_must_be_finite(raw):
+    from medcfx.method import Option
+
+    with pytest.raises(UsageError, match="--guidance must be a finite number"):
+        Option("guidance", float, 3.0, "CFG scale").convert(raw)
+    assert Option("guidance", float, 3.0, "CFG scale").convert("2.5") == 2.5
