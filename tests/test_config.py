@@ -61,3 +61,15 @@ def test_float_options_must_be_finite(raw):
     with pytest.raises(UsageError, match="--guidance must be a finite number"):
         Option("guidance", float, 3.0, "CFG scale").convert(raw)
     assert Option("guidance", float, 3.0, "CFG scale").convert("2.5") == 2.5
+
+
+def test_cli_refuses_non_finite_guidance_and_mistyped_set_before_any_work(tmp_path, home):
+    from conftest import ROOT, cli_env, run_cli
+
+    case = ROOT / "models" / "demo-inputs" / "brain" / "demo_case"
+    env = cli_env(home)
+    for args, message in ((["--guidance", "nan"], "--guidance must be a finite number"),
+                          (["--set", "explain.steps=abc"], "config key 'explain.steps' must be an integer")):
+        r = run_cli(["explain", case, "--model", "sanchez-demo", *args, "--out", tmp_path / "o"], env=env)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o").exists()
