@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,6 @@ from medcfx.data.io import (
     Volume,
     is_image_file,
     is_volume_file,
-    load_nifti_header,
-    read_volume,
     strip_suffix,
     write_nifti,
 )
@@ -82,20 +79,16 @@ class InputCase:
                              f"{kept.min()}..{kept.max()} hold enough foreground to be explained")
         r = self.result
         sub = CaseResult(r.images[rows], r.labels[rows], None if r.masks is None else r.masks[rows], r.has_mask,
-                         r.grade, r.bbox, r.slice_index[rows], r.geometry, r.affine, r.ref, r.notes)
+                         r.grade, r.bbox, r.slice_index[rows], r.geometry, r.affine, r.ref, r.notes, r.grid)
         return InputCase(self.id, self.source, self.channels, sub)
 
-    @cached_property
+    @property
     def grid(self) -> Volume:
-        """The input's grid (shape, affine, header; no voxel data) that volume outputs are written on; read
-        once per case (a DICOM series folder is read once, not once per output)."""
-        ref = self.result.ref
-        if Path(ref).is_dir():
-            v = read_volume(ref)
-            return Volume(np.broadcast_to(np.float32(0), v.shape), v.affine, v.header, v.path, v.meta)
-        img = load_nifti_header(ref)
-        shape = tuple(img.shape[:3])
-        return Volume(np.broadcast_to(np.float32(0), shape), np.asarray(img.affine), img.header, Path(ref), {})
+        """The input's grid (shape, affine, header; no voxel data) that volume outputs are written on, kept
+        from preprocessing (a DICOM series is not read again per output)."""
+        if self.result.grid is None:
+            raise MedcfxError(f"{self.source}: a 2D image has no volume grid")
+        return self.result.grid
 
     def to_original(self, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Model-sized per-slice outputs ([n, S, S] or [n, C, S, S]) on the input's grid."""

@@ -164,6 +164,7 @@ class CaseResult:
     affine: np.ndarray | None
     ref: Path
     notes: list[str] = field(default_factory=list)
+    grid: Volume | None = None  # volumes: the reference volume's shape, affine and header (no voxel data)
 
 
 def load_volume_case(case: Case) -> tuple[list[Volume], Volume | None]:
@@ -238,8 +239,10 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
         lesion = seg.data > 0
         labels[:, 0] = to_canonical(lesion, geom.ornt).any(axis=plane_axes)[kept]
         masks = geom.mask_to_model(lesion)
+    v0 = vols[0]
+    grid = Volume(np.broadcast_to(np.float32(0), geom.shape), v0.affine, v0.header, v0.path, {"zooms": v0.zooms})
     return CaseResult(images, labels, masks, case.mask is not None, math.nan, None, kept.astype(np.int32), geom,
-                      vols[0].affine, case.channels[0], notes)
+                      v0.affine, case.channels[0], notes, grid)
 
 
 def _read_mask_2d(path: Path, hw: tuple[int, int]) -> np.ndarray:
