@@ -140,11 +140,11 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
         elif b == "bf16":
             paths.append(SamplingPath(f"torch bf16 autocast{tag}", bf16=True, solver=solver))
         elif b == "onnx":
-            from medcfx.export import OnnxDenoiser
+            from medcfx.export import OnnxDenoiser, verified_onnx_bytes
 
             if "onnx" not in entry.artifacts:
                 raise UsageError(f"model {entry.ref} has no ONNX export: run `medcfx export {entry.ref} --format onnx`")
-            paths.append(SamplingPath(f"onnxruntime (cpu{tag})", onnx=OnnxDenoiser(registry.artifact_path(entry, "onnx")),
+            paths.append(SamplingPath(f"onnxruntime (cpu{tag})", onnx=OnnxDenoiser(verified_onnx_bytes(registry, entry)),
                                       solver=solver))
         else:
             raise UsageError(f"unknown bench path {b!r} (reference, torch, bf16, onnx)")

@@ -18,7 +18,6 @@ with IO binding when onnxruntime-gpu and a GPU are present, else the CPU provide
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -56,16 +55,20 @@ def providers(device: str = "auto") -> list[str]:
 class OnnxDenoiser:
     """``denoiser(x, t, cond) -> eps`` through an onnxruntime session of an exported UNet."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: str | Path | bytes, device: str = "cpu", threads: int | None = None):
+        """``model``: a path, or the serialized model itself (what :func:`verified_onnx_bytes` returns, so
+        that the bytes that run are the bytes that were hashed)."""
         ort = _ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers(device))
+            source = model if isinstance(model, bytes) else str(model)
+            self.session = ort.InferenceSession(source, sess_options=opts, providers=providers(device))
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise MedcfxError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+            shown = "(in memory)" if isinstance(model, bytes) else model
+            raise MedcfxError(f"cannot load ONNX model {shown}: {str(exc).splitlines()[0]}") from None
         self.names = [i.name for i in self.session.get_inputs()]
         self.cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
 
@@ -215,7 +218,7 @@ def export_model(registry, ref: str, opset: int = 17, dynamic_batch: bool = True
             if not cf < tol_map:
                 raise MedcfxError(f"export refused: counterfactual heatmaps differ by {cf:.2e} (gate {tol_map:g})")
         artifacts = {"onnx": path}
-        external = {}  # onnx refers to external-data files by name: keep the names to stage them on load
+        external = {}  # onnx refers to external-data files by name: keep the names to inline them on load
         for i, extra in enumerate(sorted(p for p in Path(tmp).iterdir() if p != path)):
             artifacts[f"onnx_data{i}"] = extra
             external[f"onnx_data{i}"] = extra.name
@@ -236,13 +239,65 @@ def denoiser_for(request, entry, unet):
     if backend == "onnx":
         if "onnx" not in entry.artifacts:
             raise UsageError(f"model {entry.ref} has no ONNX export: run `medcfx export {entry.ref} --format onnx`")
-        path = request.registry.artifact_path(entry, "onnx")
-        external = entry.extra.get("export", {}).get("external_data", {})
-        if external:  # external data must sit next to the model under its original name: stage a copy
-            stage = Path(tempfile.mkdtemp(prefix="medcfx-onnx-"))
-            for role, name in external.items():
-                shutil.copy(request.registry.artifact_path(entry, role), stage / name)
-            shutil.copy(path, stage / "model.onnx")
-            path = stage / "model.onnx"
-        return OnnxDenoiser(path, device=request.device)
+        return OnnxDenoiser(verified_onnx_bytes(request.registry, entry), device=request.device)
     raise UsageError(f"--backend must be torch or onnx, got {backend!r}")
+
+
+def _tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def verified_onnx_bytes(registry, entry) -> bytes:
+    """The serialized ONNX model of ``entry``, built only from sha256-verified artifact bytes.
+
+    An export whose weights sit in external-data files (``export.external_data``: role -> file name, as
+    onnx writes for models over 2 GB) is inlined in memory: each external tensor's ``location`` must be one
+    of the declared names, each declared name a plain file name (no folder part; IntegrityError otherwise),
+    and its bytes are taken from the verified artifact at the recorded offset and length. Nothing is
+    written to disk. Raises IntegrityError / MedcfxError for a missing, modified or malformed artifact."""
+    from medcfx.errors import IntegrityError
+    from medcfx.registry.store import confine_file_name
+
+    data, _ = registry.read_verified(entry, "onnx")
+    external = (entry.extra.get("export") or {}).get("external_data") or {}
+    if not external:
+        return data
+    if not isinstance(external, dict):
+        raise IntegrityError(f"model {entry.ref}: export.external_data must map artifact roles to file names")
+    import onnx
+
+    blobs = {confine_file_name(name, f"model {entry.ref} (export.external_data.{role})"):
+             registry.read_verified(entry, role)[0] for role, name in external.items()}
+    model = onnx.load_model_from_string(data)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {kv.key: kv.value for kv in tensor.external_data}
+        location = info.get("location", "")
+        if location not in blobs:
+            raise IntegrityError(f"model {entry.ref}: ONNX tensor {tensor.name!r} refers to external data "
+                                 f"{location!r}, which is not one of its verified artifacts")
+        blob = blobs[location]
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", len(blob) - offset))
+        if offset < 0 or length < 0 or offset + length > len(blob):
+            raise IntegrityError(f"model {entry.ref}: ONNX tensor {tensor.name!r} reads bytes {offset}..{offset + length} "
+                                 f"of {location!r}, which holds {len(blob)}")
+        tensor.raw_data = blob[offset:offset + length]
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    try:
+        return model.SerializeToString()
+    except ValueError:  # protobuf's 2 GB limit
+        raise MedcfxError(f"model {entry.ref}: the ONNX model with its external data is over 2 GB and cannot be "
+                          f"loaded from verified bytes; use --backend torch") from None
