@@ -118,8 +118,12 @@ def show_cmd(
 @models_app.command("verify")
 def verify_cmd(
     ref: Annotated[Optional[str], typer.Argument(help="One model; all models if left out.")] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Remove stored objects that no model references.")] = False,
 ) -> None:
-    """Check the sha256 of every artifact; exit 3 if any is missing, corrupt or modified."""
+    """Check the sha256 of every artifact and list stored objects no model references; exit 3 if any
+    artifact is missing, corrupt, modified or outside its folder."""
+    if fix and ref is not None:
+        raise MedcfxError("models verify --fix cleans the whole store: leave out the model reference")
     registry = get_registry()
     entries = [registry.resolve(ref)] if ref is not None else registry.entries()
     bad = 0
@@ -131,6 +135,12 @@ def verify_cmd(
                 typer.echo(f"FAIL {entry.ref}: {problem}")
         else:
             typer.echo(f"OK   {entry.ref} ({len(entry.artifacts)} artifact(s))")
+    if ref is None:
+        orphans = registry.remove_unreferenced() if fix else registry.unreferenced_objects()
+        for path in orphans:
+            typer.echo(f"REMOVED {path}" if fix else f"UNREFERENCED {path} ({human_bytes(path.stat().st_size)})")
+        if orphans and not fix:
+            typer.echo(f"{len(orphans)} stored object(s) belong to no model; `medcfx models verify --fix` removes them")
     if bad:
         typer.echo(f"{bad} of {len(entries)} model(s) failed verification", err=True)
         raise typer.Exit(VERIFY_FAILED_EXIT)
