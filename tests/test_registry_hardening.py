@@ -211,3 +211,22 @@ def test_onnx_external_data_names_are_confined(home, tmp_path, name):
     with pytest.raises(IntegrityError, match="not a plain file name"):
         verified_onnx_bytes(reg, entry)
     assert not (tmp_path / "evil.bin").exists() and not Path("/tmp/evil.bin").exists()
+
+
+@pytest.mark.parametrize("change", ["same size", "shorter"])
+def test_export_of_a_modified_artifact_writes_no_archive(home, tmp_path, change):
+    w = tmp_path / "w.safetensors"
+    make_weights(w, 1)
+    reg = Registry(home, bundled=False)
+    entry = reg.register("m", "sanchez", {"weights": w})
+    obj = reg.artifact_path(entry, "weights")
+    os.chmod(obj, 0o644)
+    data = bytearray(obj.read_bytes())
+    if change == "same size":
+        data[-1] ^= 0xFF
+    else:
+        data = data[:-1]
+    obj.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="weights of m:1"):
+        reg.export("m", tmp_path / "m.tar.gz")
+    assert not (tmp_path / "m.tar.gz").exists() and not list(tmp_path.glob(".medcfx-tmp-*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import tarfile
 import zlib
@@ -30,7 +31,8 @@ MAX_ENTRY_YAML = 16 << 20  # refuse an entry.yaml larger than this in an importe
 
 def export_entry(registry, ref, out: str | Path) -> Path:
     """Write ``out`` (.tar, or .tar.gz / .tgz compressed) holding ``entry.yaml`` and ``artifacts/<role><suffix>``
-    for each artifact, after verifying them. The archive is staged next to ``out`` and moved into place;
+    for each artifact. Each artifact is hashed while it is packed, so the archive holds exactly the bytes
+    that were verified (a mismatch discards it). The archive is staged next to ``out`` and moved into place;
     a new file gets the mode of the umask (an existing one keeps its mode).
 
     Raises MedcfxError for a bad file name or folder, IntegrityError for an artifact that fails
@@ -51,22 +53,48 @@ def export_entry(registry, ref, out: str | Path) -> Path:
     record = entry.to_dict()
     files = []
     for role in entry.artifacts:
-        src = registry.artifact_path(entry, role, verify=True)
+        src = registry._file_of(entry, role)  # confined; hashed below while it is packed
         member = f"artifacts/{role}{suffix_of(src)}"
         record["artifacts"][role]["path"] = member
-        files.append((src, member))
+        files.append((role, src, member))
     body = yaml.safe_dump(record, sort_keys=False, allow_unicode=True).encode("utf-8")
     with staging.staged_file(out) as tmp:
         with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tar:
             info = tarfile.TarInfo("entry.yaml")
             info.size, info.mode, info.mtime = len(body), 0o644, int(datetime.now().timestamp())
             tar.addfile(info, io.BytesIO(body))
-            for src, member in files:
-                info = tarfile.TarInfo(member)
-                info.size, info.mode, info.mtime = src.stat().st_size, 0o644, int(src.stat().st_mtime)
-                with open(src, "rb") as fh:
-                    tar.addfile(info, fh)
+            for role, src, member in files:
+                rec = entry.artifacts[role]
+                try:
+                    fh = open(src, "rb")
+                except OSError:
+                    registry._check(entry, role, src, None, None)  # raises "missing"
+                    raise
+                with fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size != rec["bytes"]:
+                        raise IntegrityError(f"artifact {role} of {entry.ref} is {size} bytes, recorded {rec['bytes']}: "
+                                             f"the file is corrupt or was modified ({src})")
+                    reader = _HashingReader(fh)
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mode, info.mtime = size, 0o644, int(os.fstat(fh.fileno()).st_mtime)
+                    tar.addfile(info, reader)
+                    # the packed bytes are the hashed bytes: a mismatch discards the staged archive
+                    registry._check(entry, role, src, reader.h.hexdigest(), reader.n)
     return out
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes (sha256) and counts every byte read through it."""
+
+    def __init__(self, fh):
+        self.fh, self.h, self.n = fh, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.h.update(data)
+        self.n += len(data)
+        return data
 
 
 def _open(path: Path) -> tarfile.TarFile:
