@@ -652,3 +652,37 @@ def test_metric_values_are_stored_as_plain_numbers(reg: Registry, tmp_path: Path
     with pytest.raises(MedcfxError, match="metrics.v holds a Tensor"):
         reg.register("m", "sanchez", {"weights": w}, metrics={"v": torch.zeros(3)})
     assert [x.ref for x in reg.entries()] == ["m:1"]
+
+
+def test_derive_makes_a_new_version_with_the_same_verified_artifacts(tmp_path: Path) -> None:
+    """A calibration (or any added field) becomes a new version whose parent is the old one; a bundled model's
+    artifacts are copied into the user's store so the new version can live there."""
+    cat = tmp_path / "cat"
+    (cat / "models").mkdir(parents=True)
+    weights = make_weights(cat / "models" / "b.safetensors", 5)
+    record = {"path": "models/b.safetensors", "sha256": sha(cat / "models" / "b.safetensors"),
+              "bytes": (cat / "models" / "b.safetensors").stat().st_size}
+    (cat / "registry.yaml").write_text(yaml.safe_dump({"schema": 1, "models": [
+        {"name": "b", "version": 1, "method": "sanchez", "created": "x", "artifacts": {"weights": record},
+         "config": {"preprocess": {"size": 48, "intensity": "percentile"}}, "metrics": {"pixel_AUPRC": 0.5},
+         "tags": ["demo"]}]}))
+    reg = Registry(tmp_path / "home", bundled=cat / "registry.yaml")
+    new = reg.derive("b", {"calibration": {"threshold_fpr": 0.25, "fpr": 0.05}})
+    assert new.ref == "b:2" and new.parent == "b:1" and not new.bundled
+    assert new.extra["calibration"] == {"threshold_fpr": 0.25, "fpr": 0.05}
+    assert new.digest == record["sha256"] and new.config == reg.resolve("b:1").config
+    assert new.metrics == {"pixel_AUPRC": 0.5} and new.tags == ["demo"]
+    assert reg.resolve("b").ref == "b:2"  # the newest version is what `--model b` uses
+    loaded = reg.load_tensors("b")
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    # deriving again replaces the calibration in the next version, and shares the stored object
+    again = reg.derive("b", {"calibration": {"threshold_fpr": 0.3}})
+    assert again.ref == "b:3" and again.parent == "b:2" and again.extra["calibration"]["threshold_fpr"] == 0.3
+    assert again.artifacts["weights"]["path"] == new.artifacts["weights"]["path"]
+    with pytest.raises(MedcfxError, match="cannot be set"):
+        reg.derive("b", {"artifacts": {}})
+    # a bundled artifact that was modified is not copied
+    os.chmod(cat / "models" / "b.safetensors", 0o644)
+    (cat / "models" / "b.safetensors").write_bytes(b"x" * record["bytes"])
+    with pytest.raises(IntegrityError):
+        reg.derive("b:1", {"calibration": {}})

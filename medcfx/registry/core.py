@@ -23,7 +23,8 @@ import medcfx
 from medcfx import staging
 from medcfx.config import deep_merge
 from medcfx.errors import IntegrityError, MedcfxError
-from medcfx.registry.entry import FIXED_FIELDS, ROLE, Entry, git_commit, now_utc, plain, validate_name
+from medcfx.registry.entry import (FIXED_FIELDS, ROLE, STORED_FIELDS, Entry, git_commit, now_utc, plain,
+                                   validate_name)
 from medcfx.registry.store import (confine, remove_objects, sha256_file, store_object,
                                    sweep_store, unreferenced)
 
@@ -320,6 +321,23 @@ class Registry:
         """Store the artifacts and add ``name:<next version>``. ``provenance`` gets ``medcfx_version`` and
         (when a git checkout is found) ``git_commit`` unless given."""
         return self._register(name, method, artifacts, config, provenance, metrics, tags, parent, {}, True)
+
+    def derive(self, ref: str | Entry, fields: Mapping[str, Any]) -> Entry:
+        """A new version of ``ref``'s name with the same (verified) artifacts, config, provenance, metrics and
+        tags, ``fields`` deep-merged into its top-level fields (e.g. ``{"calibration": {...}}``) and
+        ``parent`` = ``ref``. Works for bundled models too (their artifacts are copied into the store, so
+        the new version lives in the user's registry). Raises IntegrityError if an artifact fails
+        verification, MedcfxError for a field that cannot be changed (name, version, artifacts, ...)."""
+        fields = plain(dict(fields), "fields")
+        for key in fields:
+            if key in FIXED_FIELDS or key in ("method", "parent"):
+                raise MedcfxError(f"derive: field '{key}' of an entry cannot be set this way")
+        entry = self.resolve(ref)
+        files = {role: self.artifact_path(entry, role, verify=True) for role in entry.artifacts}
+        merged = deep_merge(entry.to_dict(), fields)
+        extra = {k: v for k, v in merged.items() if k not in STORED_FIELDS}
+        return self._register(entry.name, entry.method, files, merged["config"], merged["provenance"],
+                              merged["metrics"], merged["tags"], entry.ref, extra, stamp=False)
 
     def _register(self, name, method, artifacts, config, provenance, metrics, tags, parent,
                   extra: dict, stamp: bool) -> Entry:
