@@ -70,10 +70,12 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
     b = x.shape[0]
     if unet.config.num_classes:
         null = unet.null_label
-        x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null)}, x0_process=proc, solver=path.solver)
+        # labels on x's device: a CUDA module (and onnxruntime's CUDA IO binding) cannot read CPU indices
+        x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null, device=x.device)}, x0_process=proc,
+                     solver=path.solver)
         guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
-        x_cf = decode(guided, x_l, grid, L, cond={"y": torch.zeros(b, dtype=torch.long)}, x0_process=proc,
-                      solver=path.solver)
+        x_cf = decode(guided, x_l, grid, L, cond={"y": torch.zeros(b, dtype=torch.long, device=x.device)},
+                      x0_process=proc, solver=path.solver)
     else:
         x_l = encode(den, x, grid, L, x0_process=proc, solver=path.solver)
         x_cf = decode(den, x_l, grid, L, x0_process=proc, solver=path.solver)
@@ -87,13 +89,17 @@ def forwards_per_slice(steps: int, noise_level: float, guided: bool) -> int:
 
 
 def time_path(unet, schedule, x, path: SamplingPath, repeats: int = 1, **kw) -> tuple[float, torch.Tensor]:
-    """(seconds per slice, heatmaps) of the best of ``repeats`` runs (after one warm-up when compiling)."""
+    """(seconds per slice, heatmaps) of the best of ``repeats`` runs (after one warm-up when compiling).
+
+    ``x`` may live on a CUDA device (with ``unet`` there too): each timed run ends with a synchronize."""
     if path.compile:
         run_path(unet, schedule, x, path, **kw)
     best, maps = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
         maps = run_path(unet, schedule, x, path, **kw)
+        if maps.is_cuda:  # CUDA kernels run asynchronously: stop the clock when they are done
+            torch.cuda.synchronize(maps.device)
         best = min(best, time.perf_counter() - t0)
     return best / x.shape[0], maps
 
