@@ -12,6 +12,10 @@ monotone 32-bit key, so there is no score range to guess and the relative resolu
 2^-(bits - 9) (``bits=22``: about 1.2e-4 relative, 4M bins, 64 MB of counts whatever the test set size).
 Metrics computed from the bins are exact for the quantised scores; against the raw scores they differ
 only by ties created within a bin (checked against scikit-learn and a brute-force Dice in the tests).
+-0.0 and +0.0 share a bin (they are one tie for scikit-learn too). ``bin_lower_edge`` and
+``threshold_flagging_from`` turn a bin into a threshold for ``score >= t`` / ``score > t``; thresholds at
+a false-positive rate, per-case metrics and bootstrap intervals build on these bins in
+``medcfx.operating_points`` and ``medcfx.case_metrics``.
 
 Image level: ``image_AUROC`` / ``image_AP`` of one score per image (e.g. the heatmap mean), computed with
 scikit-learn from the (small) list of per-image scores.
@@ -27,10 +31,15 @@ DEFAULT_BITS = 22
 
 
 def _keys(scores: np.ndarray, bits: int) -> np.ndarray:
-    """Monotone integer keys of float32 scores, truncated to ``bits`` bits."""
+    """Monotone integer keys of float32 scores, truncated to ``bits`` bits: int64 [n] in [0, 2^bits).
+
+    -0.0 and +0.0 compare equal, so both get the key of +0.0 (their bit patterns differ; binning them apart
+    ranked ties apart, unlike scikit-learn).
+    """
     f = np.ascontiguousarray(scores, dtype=np.float32).ravel()
     if not np.isfinite(f).all():
         raise ValueError("scores contain NaN or infinity")
+    f = np.where(f == 0, np.float32(0.0), f)  # -0.0 -> +0.0
     u = f.view(np.uint32)
     # negative floats: flip all bits; positive: set the sign bit -> unsigned order == float order
     key = np.where(u & np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
@@ -90,11 +99,32 @@ class PixelMetrics:
                 "pixel_best_threshold": self.threshold_of(best)}
 
     def threshold_of(self, rank: int) -> float:
-        """The lower edge (as a float) of the ``rank``-th occupied bin from the top: the ideal threshold."""
+        """The lower edge (as a float) of the ``rank``-th occupied bin from the top: the ideal threshold
+        for the rule ``score >= threshold``."""
         nz = np.nonzero(self.pos + self.neg)[0][::-1]
-        key = np.uint32(int(nz[rank]) << (32 - self.bits))
-        u = np.where(key & np.uint32(0x80000000), key & np.uint32(0x7FFFFFFF), ~key)
-        return float(np.array([u], dtype=np.uint32).view(np.float32)[0])
+        return bin_lower_edge(int(nz[rank]), self.bits)
+
+
+def bin_lower_edge(b: int, bits: int) -> float:
+    """The smallest float32 whose ``bits``-bit key is bin ``b`` (as a Python float): score >= edge <=>
+    key(score) >= b, for finite float32 scores (bin 2^bits - 1 upwards of +inf has no finite member)."""
+    if not 0 <= b < (1 << bits):
+        raise ValueError(f"bin {b} outside [0, 2^{bits})")
+    key = np.uint32(b << (32 - bits))
+    u = key & np.uint32(0x7FFFFFFF) if key & np.uint32(0x80000000) else ~key
+    return float(np.array([u], dtype=np.uint32).view(np.float32)[0])
+
+
+def threshold_flagging_from(b: int, bits: int) -> float:
+    """The float32 threshold t (as a Python float) with ``score > t`` <=> key(score) >= b for every finite
+    float32 score: the largest float32 below bin b's lower edge (-inf for the lowest finite bins).
+
+    This is how a bin boundary of the histograms becomes a threshold for the strict rule ``score > t``
+    used by medcfx.operating_points. The largest float below the edge +0.0 is the negative denormal
+    -1.4e-45 (not -0.0, which equals +0.0).
+    """
+    edge = np.float32(bin_lower_edge(b, bits))
+    return float(np.nextafter(edge, np.float32(-np.inf)))
 
 
 def image_metrics(scores, labels) -> dict:

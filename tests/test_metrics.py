@@ -91,3 +91,30 @@ def test_image_metrics_match_sklearn():
     assert got["image_AUROC"] == pytest.approx(roc_auc_score(labels, scores))
     assert got["image_AP"] == pytest.approx(average_precision_score(labels, scores))
     assert np.isnan(image_metrics([0.1, 0.2], [1, 1])["image_AUROC"])
+
+
+def test_signed_zeros_are_one_tie_as_in_sklearn():
+    # scores mixing -0.0 and +0.0 (e.g. a difference map clipped at 0): scikit-learn ranks them as ties
+    rng = np.random.default_rng(7)
+    scores = rng.choice(np.array([-0.0, 0.0, 0.25, -0.5, 1.0], np.float32), 4000)
+    mask = rng.random(4000) < np.where(np.signbit(scores), 0.2, 0.5)  # signed zeros labelled differently
+    assert (np.signbit(scores) & (scores == 0)).any() and (~np.signbit(scores) & (scores == 0)).any()
+    pm = PixelMetrics()
+    pm.update(scores, mask)
+    got = pm.compute()
+    assert got["pixel_AUPRC"] == pytest.approx(average_precision_score(mask, scores), abs=1e-12)
+    assert got["pixel_ideal_Dice"] == pytest.approx(brute_force_best_dice(scores, mask), abs=1e-12)
+    assert dice(scores >= got["pixel_best_threshold"], mask) == pytest.approx(got["pixel_ideal_Dice"], abs=1e-12)
+
+
+@pytest.mark.parametrize("bits", [12, 22])
+def test_bin_edges_and_strict_thresholds_select_exactly_the_bins(bits):
+    from medcfx.metrics import _keys, bin_lower_edge, threshold_flagging_from
+
+    rng = np.random.default_rng(bits)
+    scores = np.concatenate([rng.normal(0, 1, 3000), rng.normal(0, 1e-30, 200), [0.0, -0.0, 1e-45, -1e-45],
+                             rng.normal(0, 1e30, 200)]).astype(np.float32)
+    keys = _keys(scores, bits)
+    for b in np.unique(keys)[:: max(1, len(np.unique(keys)) // 50)].tolist() + [int(_keys(np.float32([0.0]), bits)[0])]:
+        assert np.array_equal(scores >= np.float32(bin_lower_edge(b, bits)), keys >= b)
+        assert np.array_equal(scores > np.float32(threshold_flagging_from(b, bits)), keys >= b)
