@@ -2,6 +2,9 @@
 
 - ``classifier_free`` (Ho & Salimans 2021; Sanchez et al. 2022, Alg. 1):
       eps = eps(x, t, null) + w (eps(x, t, c) - eps(x, t, null)) = w eps(c) + (1 - w) eps(null).
+  w is ``scale`` in the convention of Sanchez et al.: w = 1 is the plain conditional model. Ho & Salimans
+  write the same combination as (1 + w') eps(c) - w' eps(null), so ``scale`` = 1 + w' (sanchez's default
+  w = 3 is their w' = 2; their unguided w' = 0 is scale 1).
   Both branches are evaluated in ONE batched call of size 2B: x and t repeated, ``cond[key]`` followed by
   the null label, every other cond entry repeated (all cond entries are batch-first). w = 1 calls only
   the conditional branch, w = 0 only the null branch.
@@ -27,8 +30,9 @@ GradLogProb = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]],
 
 
 def classifier_free(denoiser: Denoiser, scale: float, null_label: int | torch.Tensor, key: str = "y") -> Denoiser:
-    """Classifier-free guidance with scale w towards ``cond[key]``; ``null_label`` is the unconditional value
-    of ``cond[key]`` (an int label index, or a tensor broadcastable to ``cond[key]``)."""
+    """Classifier-free guidance with scale w towards ``cond[key]``: w eps(c) + (1 - w) eps(null), i.e. w = 1 +
+    Ho & Salimans' guidance weight (see the module docstring). ``null_label`` is the unconditional value of
+    ``cond[key]`` (an int label index, or a tensor broadcastable to ``cond[key]``)."""
     w = float(scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
