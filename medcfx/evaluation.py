@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from medcfx import staging
 from medcfx.data.preprocess import PreprocessConfig, prepare
 from medcfx.errors import MedcfxError
 from medcfx.metrics import PixelMetrics, image_metrics
@@ -118,9 +119,7 @@ def write_report(out: Path, title: str, metrics: dict, context: dict, console=No
     write_json(out / "metrics.json", {"title": title, "metrics": clean, **context})
     md = f"# {title}\n\n" + markdown_table([row], ("model",) + METRIC_ORDER)
     md += "\n" + "".join(f"- {k}: {v}\n" for k, v in context.items())
-    tmp = out / ".metrics.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(out / "metrics.md")
+    staging.atomic_write_bytes(out / "metrics.md", md.encode())
     if console is not None:
         from rich.table import Table
 

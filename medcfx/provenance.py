@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import sys
 from pathlib import Path
 
 import medcfx
+from medcfx import staging
 from medcfx.registry import sha256_file
 
 
@@ -44,10 +44,9 @@ def record(request, entry, params: dict, inputs=(), **extra) -> dict:
 
 
 def write_json(path: Path, obj) -> Path:
-    """Write ``obj`` as indented JSON via a temp file and os.replace (never a half-written file)."""
+    """Write ``obj`` as indented JSON atomically (:func:`medcfx.staging.atomic_write_bytes`: never a
+    half-written file); creates the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    staging.atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
     return path

@@ -7,14 +7,13 @@ uint8 with :func:`to_uint8`. Everything written to disk goes through :func:`save
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from medcfx import staging
 from medcfx.errors import UsageError
 
 # colormap control points (position, R, G, B): black -> purple -> red -> orange -> yellow -> near white,
@@ -174,14 +173,9 @@ def save_png(img: Image.Image | np.ndarray, path: str | Path) -> Path:
         if not ((a.dtype == np.uint8 and a.ndim in (2, 3)) or (a.dtype == np.uint16 and a.ndim == 2)):
             a = _rgb(a) if a.ndim == 3 else to_uint8(a)
         img = Image.fromarray(a)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # plain open: the umask applies
-    try:
+    with staging.staged_file(path) as tmp:
         with open(tmp, "xb") as fh:
             img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -12,9 +12,9 @@ Key
     silently reused).
 
 Atomic builds
-    :func:`building` yields a fresh temporary folder ``<root>/.tmp-<key>-...``; it is renamed to
-    ``<root>/<key>`` only after the block finished without an exception, and removed otherwise (an error
-    in case 7 leaves nothing behind). Arrays are streamed to disk with :class:`NpyWriter`, so the number of
+    :func:`building` yields a fresh temporary folder (a :mod:`medcfx.staging` name in ``<root>``); it is
+    renamed to ``<root>/<key>`` only after the block finished without an exception, and removed otherwise
+    (an error in case 7 leaves nothing behind; a killed build is swept by the next build). Arrays are streamed to disk with :class:`NpyWriter`, so the number of
     rows need not be known in advance and memory stays bounded.
 
 Trust
@@ -30,12 +30,12 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from medcfx import staging
 from medcfx.errors import MedcfxError
 
 INDEX = "index.json"
@@ -159,18 +159,20 @@ def save_array(folder: Path, name: str, array: np.ndarray) -> dict:
 
 @contextlib.contextmanager
 def building(root: Path, key: str) -> Iterator[Path]:
-    """Yield a temporary folder; on success it becomes ``root/key``, on any exception it is removed.
+    """Yield a temporary folder (a :mod:`medcfx.staging` name in ``root``); on success it becomes
+    ``root/key``, on any exception it is removed.
 
-    If another process finished the same key first, the freshly built copy is discarded (same key = same
+    Stale temporaries of killed builds in ``root`` are swept first (:func:`medcfx.staging.sweep`). If
+    another process finished the same key first, the freshly built copy is discarded (same key = same
     content).
     """
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root)
-    tmp = root / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.sweep(root)
+    final = root / key
+    tmp = staging.staging_path(final)
     tmp.mkdir()
     try:
         yield tmp
-        final = root / key
         try:
             os.rename(tmp, final)
         except OSError:
@@ -183,27 +185,9 @@ def building(root: Path, key: str) -> Iterator[Path]:
         raise
 
 
-STALE_SECONDS = 24 * 3600
-
-
-def _remove_stale_builds(root: Path) -> None:
-    """Remove temporary build folders older than a day (left by a killed process)."""
-    import time
-
-    now = time.time()
-    for p in root.glob(".tmp-*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def write_index(folder: Path, index: dict) -> None:
-    """Write ``index.json`` last: an entry without it is incomplete by definition."""
-    tmp = folder / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True, allow_nan=True))
-    os.replace(tmp, folder / INDEX)
+    """Write ``index.json`` last (atomically): an entry without it is incomplete by definition."""
+    staging.atomic_write_bytes(folder / INDEX, json.dumps(index, indent=1, sort_keys=True, allow_nan=True).encode())
 
 
 def open_entry(folder: Path, version: int) -> tuple[dict, dict[str, np.ndarray]]:

@@ -24,14 +24,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from medcfx import staging
 from medcfx.errors import UsageError
 
 DEMO_KINDS = ("brain", "vertebra", "chest")
@@ -157,21 +155,9 @@ def staging_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the parent folder of {out}: {exc.strerror}") from None
-    tag = uuid.uuid4().hex[:8]
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}-{tag}"
-    tmp.mkdir()
-    try:
+    staging.sweep(parent)  # what a killed earlier run left there
+    with staging.staged_folder(parent / out.name) as tmp:
         yield tmp
-        if out.is_dir():
-            old = parent / f".{out.name}.old-{os.getpid()}-{tag}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:

@@ -28,7 +28,6 @@ import gzip
 import io
 import math
 import os
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from medcfx import staging
 from medcfx.errors import MedcfxError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -358,7 +358,7 @@ def write_nifti(path: str | Path, array: np.ndarray, like: Volume | str | Path) 
         out = cls(array.astype(np.float32, copy=False), affine, header=hdr)
     out.header.set_slope_inter(1.0, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = staging.staging_path(path)  # ends in the final name, so nibabel picks the same format
     try:
         nib.save(out, str(tmp))
         os.replace(tmp, path)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medcfx.errors import MedcfxError, UsageError
+from medcfx.staging import atomic_write_bytes
 
 from medcfx_diffae.grader import binary_targets, label_column, load_grader
 from medcfx_diffae.model import GRADER_METHOD, METHOD, load_autoencoder, semantic
@@ -203,8 +204,7 @@ def evaluate(request) -> dict:
     out = Path(request.out or "medcfx-eval")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
-    (out / ".metrics.md.tmp").write_text(markdown_table(result))
-    (out / ".metrics.md.tmp").replace(out / "metrics.md")
+    atomic_write_bytes(out / "metrics.md", markdown_table(result).encode())
     write_json(out / "provenance.json", record(request, gentry, {"encode_steps": enc, "decode_steps": dec,
                                                                "recon_images": n_rec, "baseline": baseline,
                                                                "train_data": train_data}, [request.data]))
