@@ -106,7 +106,7 @@ def _cases() -> list[Case]:
         Case("explain --out is a file", [*ex, "--out", "afile.txt", *FAST]),
         Case("explain --out under a file", [*ex, "--out", "afile.txt/sub", *FAST]),
         Case("data prepare --cache under a file", ["data", "prepare", "brain", "--cache", "afile.txt/c"]),
-        Case("train --runs-dir under a file", [*tr[:5], "--runs-dir", "afile.txt/runs"]),
+        Case("train --runs-dir under a file", [*tr[:6], "--runs-dir", "afile.txt/runs"]),
         Case("models export into a missing folder", ["models", "export", "sanchez-demo", "nofolder/m.tar"]),
         Case("models export with a wrong suffix", ["models", "export", "sanchez-demo", "m.zip"], absent=["m.zip"]),
         # config values of the wrong type or range

@@ -20,9 +20,11 @@ from rich.table import Table
 
 import medcfx
 from medcfx import config as cfgmod
-from medcfx.errors import MedcfxError, UsageError
+from medcfx import staging
+from medcfx.errors import CaseErrors, MedcfxError, UsageError
 from medcfx.method import Method, Request
 from medcfx.plugins import get_plugins
+from medcfx.validate import check_fixed_by_model, check_output_folder, check_train_request
 
 console = Console()
 err_console = Console(stderr=True)
@@ -78,17 +80,18 @@ def _registry():
     return get_registry()
 
 
-def _resolve_config(method: Method, command: str, config_file: Optional[Path], sets: list[str], preset: Optional[str] = None) -> dict:
+def _user_layers(config_file: Optional[Path], sets: list[str]) -> list[dict]:
+    """The config layers the user gave: ``-c`` file, then ``--set`` values."""
+    return ([cfgmod.load_yaml(config_file)] if config_file else []) + [cfgmod.parse_set(sets)]
+
+
+def _resolve_config(method: Method, command: str, layers: list[dict], preset: Optional[str] = None) -> dict:
     defaults = dict(method.defaults)
     presets = defaults.pop("presets", {})
-    layers = []
     if preset:
         if preset not in presets:
             raise UsageError(f"unknown preset '{preset}' for method '{method.name}' (known: {', '.join(presets) or 'none'})")
-        layers.append(presets[preset])
-    if config_file:
-        layers.append(cfgmod.load_yaml(config_file))
-    layers.append(cfgmod.parse_set(sets))
+        layers = [presets[preset], *layers]
     return cfgmod.resolve(defaults, *layers)
 
 
@@ -112,7 +115,15 @@ def _method_for(command: str, method: Optional[str], model: Optional[str]) -> tu
 
 
 def _run(m: Method, command: str, request: Request) -> None:
-    result = m.handler(command)(request)
+    try:
+        result = m.handler(command)(request)
+    except CaseErrors as exc:  # some cases failed: what was written is summarised, then one line per failure
+        _print_summary(exc.summary)
+        raise
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
     if isinstance(result, dict) and result.get("printed") is not True:
         summary = {k: v for k, v in result.items() if k != "printed"}
         if summary:
@@ -230,7 +241,7 @@ def train(
     name: Optional[str] = typer.Option(None, "--name", help="Registry name of the trained model."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this method on this data."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are created."),
 ) -> None:
     """Train a method's model; the result is registered in the model registry."""
@@ -239,17 +250,22 @@ def train(
     options = m.parse_options("train", ctx.args)
     if not data.exists():
         raise UsageError(f"--data {data}: no such file or folder")
-    config = _resolve_config(m, "train", config_file, sets, preset)
+    config = _resolve_config(m, "train", _user_layers(config_file, sets), preset)
+    check_train_request(config, name, runs_dir)  # before any data is read or any folder created
     request = Request(command="train", method=m, options=options, config=config, data=data, name=name,
-                      resume=resume, device=resolve_device(device), seed=seed, runs_dir=runs_dir,
+                      resume=resume, device=resolve_device(device), seed=m.check_seed("train", seed), runs_dir=runs_dir,
                       registry=_registry(), console=console, extra={"preset": preset})
     _run(m, "train", request)
 
 
 def _inference_request(command: str, ctx: typer.Context, method: Optional[str], model: Optional[str],
-                       config_file, sets, device: str, seed: int, out: Optional[Path], inputs=None,
+                       config_file, sets, device: str, seed: Optional[int], out: Optional[Path], inputs=None,
                        **kw) -> tuple[Method, Request]:
+    """Check everything about an explain / grade / evaluate / predict / sample request that can be checked
+    before work starts (options, inputs, config, --out, --seed, overrides a model fixes), sweep ``--out``
+    of temporaries left by killed runs, and build the Request."""
     m, registry = _method_for(command, method, model)
+    seed = m.check_seed(command, seed)
     if inputs is None:
         options = m.parse_options(command, ctx.args)
     else:  # options given after the input paths arrive mixed with them: separate the two
@@ -262,10 +278,20 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
         kw["inputs"] = inputs
     extra = kw.get("extra") or {}
     m.require_backend(extra.get("backend", "torch"), bool(extra.get("bf16")))
-    config = _resolve_config(m, command, config_file, sets)
+    layers = _user_layers(config_file, sets)
+    config = _resolve_config(m, command, layers)
+    registry = registry or _registry()
+    if "train" in m.capabilities:  # a trained model's preprocessing is replayed; an override would do nothing
+        check_fixed_by_model(layers, registry, model)
+    if out is not None:
+        check_output_folder(out, "--out")
+    device = resolve_device(device)
+    if out is not None:
+        staging.sweep(out)  # temporaries of killed runs (dead processes only)
+        if command == "sample":
+            staging.sweep(out.absolute().parent)  # sample stages the whole --out folder beside it
     request = Request(command=command, method=m, options=options, config=config, model=model, out=out,
-                      device=resolve_device(device), seed=seed, registry=registry or _registry(),
-                      console=console, **kw)
+                      device=device, seed=seed, registry=registry, console=console, **kw)
     return m, request
 
 
@@ -293,7 +319,8 @@ def _input_command(name: str, summary: str, inputs_help: str, default_out: Optio
         config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config merged over the defaults."),
         sets: list[str] = typer.Option([], "--set", help="Override one config value: a.b=c (repeatable)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-        seed: int = typer.Option(0, "--seed", help="Random seed."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0; refused where the "
+                                                                 "method's result does not depend on it)."),
         backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
         bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend (faster on CPUs with AVX-512 BF16 and on GPUs)."),
     ) -> None:
@@ -321,14 +348,14 @@ def evaluate(
     config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend."),
 ) -> None:
     """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
+    _check_inputs([data])
     m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data,
                                      extra={"backend": _backend(backend), "bf16": bf16})
-    _check_inputs([data])
     _run(m, "evaluate", request)
 
 
@@ -345,7 +372,7 @@ def sample(
     config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
 ) -> None:
     """Generate new images from a model."""
     if n < 1:
@@ -385,10 +412,17 @@ def bench_cmd(
     """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
     from medcfx.bench import bench
 
+    from medcfx.method import check_bounds
+
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise UsageError(f"--batch expects comma-separated integers, got {batch!r}") from None
+    for b in batches:
+        check_bounds("--batch", b, "[1, inf)")
+    check_bounds("--repeats", repeats, "[1, inf)")
+    if steps is not None:
+        check_bounds("--steps", steps, "[1, inf)")
     bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console,
           solver=solver)
 
@@ -417,6 +451,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         rv = build_app()(args=argv, prog_name="medcfx", standalone_mode=False)
         if isinstance(rv, int) and rv:  # typer.Exit(code) returns its code when not in standalone mode
             sys.exit(rv)
+    except CaseErrors as exc:
+        if debug:
+            raise
+        for failure in exc.failures:
+            err_console.print(f"[red]medcfx: error:[/red] {escape(str(failure))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except MedcfxError as exc:
         if debug:
             raise

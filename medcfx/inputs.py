@@ -10,10 +10,11 @@ header; 2D outputs keep the input's pixel size).
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,7 +30,8 @@ from medcfx.data.dicom import is_dicom_series
 from medcfx.data.layouts import Case, Layout, detect_layout
 from medcfx.data.geometry import check_min_side
 from medcfx.data.preprocess import CaseResult, PreprocessConfig, process_image_case, process_volume_case
-from medcfx.errors import MedcfxError, UsageError
+from medcfx import staging
+from medcfx.errors import CaseErrors, MedcfxError, UsageError
 
 @dataclass
 class InputCase:
@@ -133,14 +135,58 @@ def load_image(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> In
     return case
 
 
-def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> list[InputCase]:
+class CaseLog:
+    """Runs the cases of a command over several inputs one by one (explain, grade), as nnU-Net does: a
+    MedcfxError in one case (an unreadable file, NaN voxels, too small, ``--slice`` out of range ...) is
+    recorded and the next case goes on; :meth:`finish` ends the command with
+    :class:`~medcfx.errors.CaseErrors` (one line per failed case) when any failed. Other exceptions
+    (bugs, a full disk) still stop the command."""
+
+    def __init__(self) -> None:
+        self.failures: list[MedcfxError] = []
+
+    @contextlib.contextmanager
+    def case(self, label: str, mention: str | None = None):
+        """Run the block for the case ``label``; a MedcfxError is recorded (prefixed with ``label`` unless
+        its message already names ``mention`` or ``label``) instead of raised."""
+        try:
+            yield
+        except MedcfxError as exc:
+            msg = str(exc)
+            if label not in msg and (mention is None or mention not in msg):
+                err = MedcfxError(f"{label}: {msg}")
+                err.exit_code = exc.exit_code
+                exc = err
+            self.failures.append(exc)
+
+    def finish(self, summary):
+        """Return ``summary`` when every case was written, else raise CaseErrors carrying it."""
+        if self.failures:
+            raise CaseErrors(self.failures, summary)
+        return summary
+
+
+def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
+               failures: CaseLog | None = None) -> list[InputCase]:
     """Every case of ``path`` preprocessed for a model with ``channels`` input channels.
 
     ``path``: a NIfTI file, a 2D image file (DICOM recognised by its DICM marker whatever its name), a DICOM
     series folder, or any dataset layout ``medcfx data check`` recognises. ``log``: called with one line per
-    note of each case (what the readers changed or assumed), so the user sees it.
+    note of each case (what the readers changed or assumed), so the user sees it. Without ``failures`` the
+    first case that cannot be read raises MedcfxError (naming the file); with a :class:`CaseLog` each such
+    case (or the whole ``path``, when it cannot be read as a dataset) is recorded there and the readable
+    cases are returned.
     """
-    cases = _load_cases(Path(path), cfg, channels)
+    path = Path(path)
+    if failures is None:
+        cases = [read() for _, read in _case_readers(path, cfg, channels)]
+    else:
+        cases, readers = [], []
+        with failures.case(str(path), path.name):
+            readers = _case_readers(path, cfg, channels)
+        for (case_id, read) in readers:
+            with failures.case(f"{path} ({case_id})" if len(readers) > 1 else str(path), case_id):
+                cases.append(read())
     if log is not None:
         for case in cases:
             for note in case.notes:
@@ -148,57 +194,59 @@ def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None) -> li
     return cases
 
 
-def _load_cases(path: Path, cfg: PreprocessConfig, channels: int) -> list[InputCase]:
+def _case_readers(path: Path, cfg: PreprocessConfig, channels: int) -> list[tuple[str, Callable[[], InputCase]]]:
+    """(case id, reader) for every case of ``path``; MedcfxError when ``path`` itself cannot be read."""
     if not path.exists():
         raise MedcfxError(f"{path}: no such file or folder")
     if path.is_file():
         if is_volume_file(path):
-            return [_single_volume_case(path, cfg, channels)]
+            return [(strip_suffix(path), partial(_single_volume_case, path, cfg, channels))]
         if is_image_file(path):
-            return [_single_image_case(path, cfg, channels)]
+            return [(strip_suffix(path), partial(_single_image_case, path, cfg, channels))]
         raise UsageError(f"{path}: unsupported input type (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM files "
                          f"of any name, a DICOM series folder, or a case folder)")
     if is_dicom_series(path):
-        return [_single_volume_case(path, cfg, channels)]
+        return [(path.name, partial(_single_volume_case, path, cfg, channels))]
     layout = detect_layout(path, modalities=list(cfg.modalities))
     if layout.problems:
         raise MedcfxError(f"{path}: {layout.problems[0]} ({len(layout.problems)} problem(s); run `medcfx data check {path}`)")
     if layout.dims == 3 and len(layout.channels) != channels:
         raise MedcfxError(f"{path}: {len(layout.channels)} channel(s) ({', '.join(layout.channels)}) "
                           f"but the model expects {channels}")
-    out = []
-    for case in layout.cases:
+
+    def read(case: Case) -> InputCase:
         if layout.dims == 3:
             res = process_volume_case(case, layout, cfg)
         else:
             res = process_image_case(case, layout, cfg, channels)
-        out.append(InputCase(case.id, path, list(layout.channels), res))
-    return out
+        return InputCase(case.id, path, list(layout.channels), res)
+
+    return [(case.id, partial(read, case)) for case in layout.cases]
 
 
 class OutputDir:
-    """A case's output folder, built under a temporary name and moved into place only when complete."""
+    """A case's output folder ``out/name``, built under a staging name (:mod:`medcfx.staging`) and moved into
+    place only when complete (an existing folder of that name is replaced). ``out`` itself is created with
+    the first case written into it, and removed again when that case fails and ``out`` did not exist."""
 
     def __init__(self, out: Path, name: str):
-        self.final = Path(out) / name
-        self.tmp = Path(out) / f".tmp-{name}-{os.getpid()}"
+        self.out = Path(out)
+        self.final = self.out / name
+        self._created = False
+        self._staged = None
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
+        self._created = not self.out.exists()
+        self._staged = staging.staged_folder(self.final)
+        return self._staged.__enter__()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.final.exists():
-            old = self.final.with_name(f".old-{self.final.name}-{os.getpid()}")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return bool(self._staged.__exit__(exc_type, exc, tb))
+        finally:
+            if exc_type is not None and self._created:
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()  # only when empty: nothing of this run is left
 
 
 def write_map(case: InputCase, folder: Path, name: str, slices: np.ndarray, fill: float = 0.0) -> Path:

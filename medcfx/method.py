@@ -15,7 +15,7 @@ options (declared as :class:`Option` per command) and hands the method one :clas
 from __future__ import annotations
 
 import math
-
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +41,9 @@ class Option:
 
     ``--guidance 3`` on the command line sets ``request.options["guidance"]``. ``type`` is one of
     ``int, float, str, bool`` (bool options are flags: ``--reconstruct``), or ``list`` for a
-    comma-separated list of strings.
+    comma-separated list of strings. Float values must be finite. ``bounds`` (int and float options) is
+    the allowed interval in the usual notation, e.g. ``"(0, 1]"`` or ``"[1, inf)"``; a value outside it is
+    refused when the command line is parsed, naming the flag and the interval.
     """
 
     name: str
@@ -49,6 +51,13 @@ class Option:
     default: Any
     help: str
     choices: tuple = ()
+    bounds: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bounds:
+            if self.type not in (int, float):
+                raise ValueError(f"option {self.name!r}: bounds apply to int and float options")
+            _interval(self.bounds)  # a malformed interval is the plugin author's error, found at registration
 
     @property
     def flag(self) -> str:
@@ -77,7 +86,38 @@ class Option:
             raise UsageError(f"{self.flag} must be a finite number, got {raw!r}")
         if self.choices and value not in self.choices:
             raise UsageError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {raw!r}")
+        if self.bounds:
+            check_bounds(self.flag, value, self.bounds, raw)
         return value
+
+
+def check_bounds(flag: str, value: float, bounds: str, raw: str | None = None) -> float:
+    """Return ``value`` if it is finite and inside ``bounds`` (e.g. ``"(0, 1]"``, ``"[1, inf)"``), else raise
+    UsageError naming ``flag`` (for typer options and lists that do not go through :class:`Option`)."""
+    shown = raw if raw is not None else f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {shown}")
+    if not _interval(bounds)(value):
+        raise UsageError(f"{flag} must be {_say(bounds)}, got {shown}")
+    return value
+
+
+def _say(bounds: str) -> str:
+    """``"[1, inf)"`` -> ">= 1", ``"(0, inf)"`` -> "> 0", anything else -> "in (0, 1]"."""
+    m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*inf\s*\)\s*", bounds)
+    if m is None:
+        return f"in {bounds.strip()}"
+    return f"{'>=' if m.group(1) == '[' else '>'} {m.group(2)}"
+
+
+def _interval(text: str) -> Callable[[float], bool]:
+    """``"(0, 1]"`` -> a membership test; ``inf`` / ``-inf`` for an open end. ValueError when malformed."""
+    m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s\])]+)\s*([\])])\s*", text)
+    if m is None:
+        raise ValueError(f"malformed interval {text!r} (expected e.g. '(0, 1]' or '[1, inf)')")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    closed_lo, closed_hi = m.group(1) == "[", m.group(4) == "]"
+    return lambda v: (lo <= v if closed_lo else lo < v) and (v <= hi if closed_hi else v < hi)
 
 
 @dataclass
@@ -124,6 +164,9 @@ class Method:
     # network paths its samplers honour: "torch" always; "bf16" (--bf16 autocast), "onnx" (--backend onnx)
     backends: tuple[str, ...] = ("torch",)
     defaults: dict = field(default_factory=dict)  # default config (train presets live under "presets")
+    # commands whose result does not depend on --seed, with the reason (the CLI refuses --seed for them),
+    # e.g. {"explain": "the sanchez counterfactual is deterministic (DDIM encode/decode)"}
+    deterministic: dict[str, str] = field(default_factory=dict)
     plugin: str = ""  # filled in by the plugin manager
 
     def __post_init__(self) -> None:
@@ -138,6 +181,9 @@ class Method:
         for command in self.options:
             if command not in CAPABILITIES:
                 raise ValueError(f"method {self.name!r} declares options for unknown command {command!r}")
+        for command in self.deterministic:
+            if command not in self.capabilities:
+                raise ValueError(f"method {self.name!r} declares {command!r} deterministic but cannot {command}")
 
     def require(self, capability: str) -> None:
         if capability not in self.capabilities:
@@ -150,6 +196,13 @@ class Method:
             if asked and path not in self.backends:
                 flag = "--backend onnx" if path == "onnx" else "--bf16"
                 raise UsageError(f"method '{self.name}' has no {flag} path (it runs: {', '.join(self.backends)})")
+
+    def check_seed(self, command: str, seed: int | None) -> int:
+        """The seed to use for ``command`` (0 when none is given); UsageError when ``seed`` is given for a
+        command this method declares deterministic (it would have no effect)."""
+        if seed is not None and command in self.deterministic:
+            raise UsageError(f"{self.deterministic[command]}; --seed has no effect")
+        return 0 if seed is None else int(seed)
 
     def handler(self, capability: str) -> Callable[[Request], Any]:
         self.require(capability)
@@ -202,6 +255,7 @@ class Method:
             "conditioning": list(self.conditioning),
             "targets": list(self.targets),
             "backends": list(self.backends),
+            "deterministic": dict(self.deterministic),
             "options": {
                 cmd: [
                     {"flag": o.flag, "type": o.type.__name__, "default": o.default, "help": o.help}

@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import medcfx
+from medcfx import staging
 from medcfx.errors import MedcfxError, UsageError
 
 CHECKPOINTS_KEPT = 2
@@ -55,14 +56,26 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of a ``train:`` section; UsageError naming the key for an unknown key or a value out
+        of range (steps and batch_size >= 1, lr > 0, ema_decay in [0, 1], log/checkpoint intervals >= 1)."""
+        from medcfx.method import check_bounds
+
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise UsageError(f"unknown training option(s) {sorted(unknown)} (known: {sorted(names)})")
         cfg = cls(**d)
-        if cfg.steps < 1 or cfg.batch_size < 1:
-            raise UsageError("train.steps and train.batch_size must be >= 1")
+        for name, bounds in _TRAIN_BOUNDS.items():
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"train.{name} must be a number, got {value!r}")
+            check_bounds(f"train.{name}", value, bounds)
         return cfg
+
+
+_TRAIN_BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+                 "ema_decay": "[0, 1]", "grad_clip": "[0, inf)", "warmup_steps": "[0, inf)", "log_every": "[1, inf)",
+                 "ckpt_every": "[1, inf)", "val_every": "[0, inf)", "early_stopping": "[0, inf)"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,6 +210,7 @@ def new_run_dir(runs_dir: Path, method: str, dataset: str) -> Path:
     """Create runs/<method>/<dataset>/vN (N auto-increments) and point the ``latest`` link at it."""
     base = Path(runs_dir) / _safe_part(method) / _safe_part(dataset)
     base.mkdir(parents=True, exist_ok=True)
+    staging.sweep(base)
     versions = [int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit()]
     n = max(versions, default=0) + 1
     while True:
@@ -213,17 +227,21 @@ def new_run_dir(runs_dir: Path, method: str, dataset: str) -> Path:
 def latest_run_dir(runs_dir: Path, method: str, dataset: str) -> Path:
     base = Path(runs_dir) / _safe_part(method) / _safe_part(dataset)
     link = base / "latest"
+    staging.sweep(base)
     if not link.exists():
         raise UsageError(f"--resume: no earlier run of '{method}' on '{dataset}' under {base}")
     return link.resolve()
 
 
 def _relink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    """Point the symlink ``link`` at ``target`` atomically (a staged link renamed over the old one)."""
+    tmp = staging.staging_path(link)
     os.symlink(target, tmp)
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,21 +277,15 @@ def _state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run: Path, step: int, model, ema, opt, extra: dict, tag: str | None = None) -> Path:
     ckdir = run / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     name = tag or f"step-{step:08d}"
-    tmp = ckdir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_state_tensors(model), str(tmp / "model.safetensors"))
-    save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
-    opt_t, opt_meta = _optimizer_tensors(opt)
-    opt_t["rng.torch"] = torch.get_rng_state()
-    save_file(opt_t, str(tmp / "optim.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
     final = ckdir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with staging.staged_folder(final) as tmp:  # complete or absent, whenever the process dies
+        save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+        save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
+        opt_t, opt_meta = _optimizer_tensors(opt)
+        opt_t["rng.torch"] = torch.get_rng_state()
+        save_file(opt_t, str(tmp / "optim.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
     if tag is None:
         _relink(ckdir / "latest", name)
         steps = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
@@ -373,6 +385,8 @@ def fit(
     if run is None and d.main:
         raise MedcfxError("internal: the main process needs a run folder")
     log_path = run / "metrics.jsonl" if run is not None else None
+    if d.main:
+        staging.sweep(run / "checkpoints")  # what a killed earlier process of this run left half-written
     if resume:
         latest = run / "checkpoints" / "latest"
         if not latest.exists():
@@ -510,6 +524,8 @@ def start_run(request, dataset: str | None = None) -> Path | None:
     """
     import yaml
 
+    if isinstance(request.config.get("train"), dict):
+        TrainConfig.from_dict(request.config["train"])  # a bad value is refused before the folder exists
     dataset = dataset or Path(request.data).name or "data"
     record = {"method": request.method.name, "data": str(request.data), "seed": request.seed,
               "options": request.options, "config": request.config}

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medcfx.errors import MedcfxError, UsageError
+from medcfx.validate import check_output_folder
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,6 +41,8 @@ def check_cmd(
     """Scan a dataset and list EVERY problem (exit 1 when there is any)."""
     from medcfx.data.check import check
 
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
     report = check(path, kind=kind, modalities=modalities)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))  # plain: never wrapped by the terminal width
@@ -99,6 +102,8 @@ def prepare_cmd(
     """Preprocess a dataset into the cache (a second run with the same files and config is instant)."""
     from medcfx.data.preprocess import PreprocessConfig, prepare
 
+    if cache is not None:
+        check_output_folder(cache.expanduser(), "--cache")
     values = load_preprocess_yaml(config_file) if config_file else {}
     if size is not None:
         values["size"] = size
@@ -164,6 +169,7 @@ def demo_cmd(
             raise UsageError(f"unknown --opt {key} for {kind} (known: {', '.join(sorted(known))})")
     if overwrite:
         opts["overwrite"] = True
+    check_output_folder(out, "--out")
     written = make_demo(kind, out, cases=cases, seed=seed, **opts)
     console.print(f"wrote {kind} demo data to {written}", highlight=False)
 
@@ -188,6 +194,9 @@ def synth_anomalies_cmd(
         raise UsageError(f"--rows must be >= 2, got {rows}")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the grid is written as PNG; give a .png file name")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: a folder exists there; give a .png file name")
+    check_output_folder(out.parent, "--out")
     values = {"size": size}
     if modalities is not None:
         values["modalities"] = modalities

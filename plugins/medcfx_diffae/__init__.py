@@ -73,8 +73,10 @@ def _methods():
     from medcfx_diffae.trainer import Trainer
 
     steps = [
-        Option("encode_steps", int, 0, "DDIM inversion steps to x_T (0: the model's default, paper 250)"),
-        Option("decode_steps", int, 0, "DDIM decoding steps (0: the model's default, paper 100)"),
+        Option("encode_steps", int, 0, "DDIM inversion steps to x_T (0: the model's default, paper 250)",
+               bounds="[0, inf)"),
+        Option("decode_steps", int, 0, "DDIM decoding steps (0: the model's default, paper 100)",
+               bounds="[0, inf)"),
     ]
     ae = Method(
         name=METHOD,
@@ -93,11 +95,13 @@ def _methods():
                          Option("train_data", str, "", "labelled data for the CNN baseline (default: the "
                                                        "grader's training data)"),
                          Option("baseline", bool, True, "train and evaluate the supervised CNN baseline"),
-                         Option("baseline_steps", int, 600, "training steps of the CNN baseline"),
-                         Option("recon_images", int, 16, "test images whose encode-decode error is measured"),
+                         Option("baseline_steps", int, 600, "training steps of the CNN baseline", bounds="[1, inf)"),
+                         Option("recon_images", int, 16, "test images whose encode-decode error is measured",
+                                bounds="[0, inf)"),
                          *steps],
         },
         defaults=DEFAULTS,
+        deterministic={"explain": "the diffae counterfactual is deterministic (DDIM inversion and decoding)"},
     )
     grader = Method(
         name=GRADER_METHOD,
@@ -113,6 +117,7 @@ def _methods():
                       *steps],
         },
         defaults=GRADER_DEFAULTS,
+        deterministic={"grade": "diffae grading is deterministic (DDIM inversion and decoding)"},
     )
     return ae, grader
 

@@ -1,7 +1,7 @@
 """The ``explain`` / ``grade`` / ``evaluate`` handlers of the diffae methods.
 
-Per input image (all inputs are read and checked before any model runs, and each image's outputs are
-written to a temporary folder renamed into place, so a bad input leaves nothing half-written):
+Per input image (each image's outputs are written to a staging folder renamed into place, so nothing is
+half-written; an image that cannot be read is reported at the end while the others go on):
 
     x0 -> z_sem = Enc(x0) -> x_T = DDIM-inversion(x0 | z_sem)             (encode_steps, paper 250)
     codes: z_sem (reconstruction), reflect(z_sem) (binary counterfactual), to_grade(z_sem, g) per grade
@@ -12,14 +12,13 @@ written to a temporary folder renamed into place, so a bad input leaves nothing 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medcfx.errors import MedcfxError, UsageError
+from medcfx.inputs import CaseLog, OutputDir
 
 from medcfx_diffae.grader import GRADER_METHOD, load_grader
 from medcfx_diffae.model import DEMO_GRADER, DEMO_MODEL, METHOD, load_autoencoder, load_input
@@ -37,14 +36,6 @@ def _steps(request, loaded) -> tuple[int, int]:
     return enc, dec
 
 
-def _read_inputs(paths, loaded, log=None) -> list[np.ndarray]:
-    """Every input read and checked first: a bad one stops the command before anything is computed;
-    the readers' notes go to ``log``."""
-    if not paths:
-        raise UsageError("no input image given")
-    return [load_input(Path(p), loaded.preprocess, loaded.model.channels, log=log) for p in paths]
-
-
 def _out_dirs(out: Path, paths) -> list[Path]:
     names, seen = [], {}
     for p in paths:
@@ -52,28 +43,6 @@ def _out_dirs(out: Path, paths) -> list[Path]:
         seen[stem] = seen.get(stem, 0) + 1
         names.append(out / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
     return names
-
-
-class _Staging:
-    """A temporary sibling folder renamed onto ``final`` when complete (removed on error)."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        return False
 
 
 def recon_errors(x: np.ndarray, y: np.ndarray) -> dict:
@@ -177,58 +146,58 @@ class GraderSampler:
         cname = classifier or grader.info.get("classifier", "svm")
         enc, dec = _steps(request, loaded)
         grades = _target_grades(request.options.get("grades"), grader)
-        xs = _read_inputs(request.inputs, loaded, log=request.log)
         out = Path(request.out or "medcfx-out")
         results = []
-        for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):
-            a = analyse(loaded, grader, classifier, x, enc, dec, grades, binary=True, device=request.device)
-            p = a.prediction
-            rec = recon_errors(x, a.frames["reconstruction"])
-            names = [f"grade_{_gname(g)}" for g in grades]
-            with _Staging(folder) as tmp:
-                _png(to_display(x), tmp / "input.png")
-                _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
-                _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
-                vmax = max([_heat(x, a.frames[n]).max() for n in ["counterfactual", *names]] + [1e-6])
-                _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
-                for n in names:
-                    _png(to_display(a.frames[n]), tmp / f"{n}.png")
-                    _png(heat_rgb(_heat(x, a.frames[n]), vmax), tmp / f"diff_{n}.png")
-                # the strip: input, then one frame per grade with the regressed score of the generated image
-                top = [to_display(x)] + [to_display(a.frames[n]) for n in names]
-                top_t = [f"input {p['grade']:.2f}"] + [f"G{_gname(g)}: {a.scores[n]['grade']:.2f}"
-                                                       for g, n in zip(grades, names)]
-                bottom = [to_display(a.frames["counterfactual"])] + [heat_rgb(_heat(x, a.frames[n]), vmax)
-                                                                     for n in names]
-                bottom_t = [f"flip {a.scores['counterfactual']['grade']:.2f}"] + [f"|x-G{_gname(g)}|" for g in grades]
-                _png(grid([top, bottom], [top_t, bottom_t], scale=3), tmp / "strip.png")
-                _png(grid([[to_display(x), to_display(a.frames["reconstruction"]),
-                            heat_rgb(_heat(x, a.frames["reconstruction"]), vmax),
-                            to_display(a.frames["counterfactual"]),
-                            heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]],
-                          [["input", "reconstruction", "|x-rec|", "counterfactual", "|x-cf|"]], scale=3),
-                     tmp / "panel.png")
-                result = {
-                    "input": str(path), "grader": gentry.ref, "autoencoder": loaded.entry.ref,
-                    "classifier": cname,
-                    "grade": p["grade"], "grade_rounded": int(p["grade_rounded"]),
-                    "probability": p["probability"], "distance": p["distance"],
-                    "reconstruction": rec,
-                    "frames": {n: {**a.targets.get(n, {}), "score": a.scores[n]} for n in a.frames},
-                }
-                write_json(tmp / "result.json", result)
-                params = {"classifier": cname, "encode_steps": enc, "decode_steps": dec, "grades": list(grades),
-                          "normalisation": grader.info.get("normalisation")}
-                write_json(tmp / "provenance.json", record(request, gentry, params, [path],
-                                                           autoencoder=loaded.entry.ref,
-                                                           autoencoder_sha256=loaded.entry.digest))
-            results.append(result)
-            request.log(f"{Path(path).name}: grade {p['grade']:.2f} -> G{int(p['grade_rounded'])} | "
-                        f"P(positive) {p['probability']:.3f} | distance {p['distance']:+.3f} ({cname}) | "
-                        f"-> {folder}")
-        if request.console is None:
-            return {"results": results}
-        return {"printed": True}
+        log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
+        for path, folder in zip(request.inputs, _out_dirs(out, request.inputs)):
+            with log.case(str(path), Path(path).name):
+                x = load_input(Path(path), loaded.preprocess, loaded.model.channels, log=request.log)
+                a = analyse(loaded, grader, classifier, x, enc, dec, grades, binary=True, device=request.device)
+                p = a.prediction
+                rec = recon_errors(x, a.frames["reconstruction"])
+                names = [f"grade_{_gname(g)}" for g in grades]
+                with OutputDir(folder.parent, folder.name) as tmp:
+                    _png(to_display(x), tmp / "input.png")
+                    _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
+                    _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
+                    vmax = max([_heat(x, a.frames[n]).max() for n in ["counterfactual", *names]] + [1e-6])
+                    _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
+                    for n in names:
+                        _png(to_display(a.frames[n]), tmp / f"{n}.png")
+                        _png(heat_rgb(_heat(x, a.frames[n]), vmax), tmp / f"diff_{n}.png")
+                    # the strip: input, then one frame per grade with the regressed score of the generated image
+                    top = [to_display(x)] + [to_display(a.frames[n]) for n in names]
+                    top_t = [f"input {p['grade']:.2f}"] + [f"G{_gname(g)}: {a.scores[n]['grade']:.2f}"
+                                                           for g, n in zip(grades, names)]
+                    bottom = [to_display(a.frames["counterfactual"])] + [heat_rgb(_heat(x, a.frames[n]), vmax)
+                                                                         for n in names]
+                    bottom_t = [f"flip {a.scores['counterfactual']['grade']:.2f}"] + [f"|x-G{_gname(g)}|" for g in grades]
+                    _png(grid([top, bottom], [top_t, bottom_t], scale=3), tmp / "strip.png")
+                    _png(grid([[to_display(x), to_display(a.frames["reconstruction"]),
+                                heat_rgb(_heat(x, a.frames["reconstruction"]), vmax),
+                                to_display(a.frames["counterfactual"]),
+                                heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]],
+                              [["input", "reconstruction", "|x-rec|", "counterfactual", "|x-cf|"]], scale=3),
+                         tmp / "panel.png")
+                    result = {
+                        "input": str(path), "grader": gentry.ref, "autoencoder": loaded.entry.ref,
+                        "classifier": cname,
+                        "grade": p["grade"], "grade_rounded": int(p["grade_rounded"]),
+                        "probability": p["probability"], "distance": p["distance"],
+                        "reconstruction": rec,
+                        "frames": {n: {**a.targets.get(n, {}), "score": a.scores[n]} for n in a.frames},
+                    }
+                    write_json(tmp / "result.json", result)
+                    params = {"classifier": cname, "encode_steps": enc, "decode_steps": dec, "grades": list(grades),
+                              "normalisation": grader.info.get("normalisation")}
+                    write_json(tmp / "provenance.json", record(request, gentry, params, [path],
+                                                               autoencoder=loaded.entry.ref,
+                                                               autoencoder_sha256=loaded.entry.digest))
+                results.append(result)
+                request.log(f"{Path(path).name}: grade {p['grade']:.2f} -> G{int(p['grade_rounded'])} | "
+                            f"P(positive) {p['probability']:.3f} | distance {p['distance']:+.3f} ({cname}) | "
+                            f"-> {folder}")
+        return log.finish({"results": results} if request.console is None else {"printed": True})
 
 
 def _target_grades(option, grader) -> list[float]:
@@ -271,50 +240,50 @@ class AESampler:
         if grader is not None:
             grader.plane(classifier)
         enc, dec = _steps(request, loaded)
-        xs = _read_inputs(request.inputs, loaded, log=request.log)
         out = Path(request.out or "medcfx-out")
         summary = []
-        for path, x, folder in zip(request.inputs, xs, _out_dirs(out, request.inputs)):
-            a = analyse(loaded, grader, classifier, x, enc, dec, (), binary=grader is not None,
-                        device=request.device)
-            rec = recon_errors(x, a.frames["reconstruction"])
-            with _Staging(folder) as tmp:
-                images, titles = [to_display(x)], ["input"]
-                _png(to_display(x), tmp / "input.png")
-                vmax = max([_heat(x, f).max() for f in a.frames.values()] + [1e-6])
+        log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
+        for path, folder in zip(request.inputs, _out_dirs(out, request.inputs)):
+            with log.case(str(path), Path(path).name):
+                x = load_input(Path(path), loaded.preprocess, loaded.model.channels, log=request.log)
+                a = analyse(loaded, grader, classifier, x, enc, dec, (), binary=grader is not None,
+                            device=request.device)
+                rec = recon_errors(x, a.frames["reconstruction"])
+                with OutputDir(folder.parent, folder.name) as tmp:
+                    images, titles = [to_display(x)], ["input"]
+                    _png(to_display(x), tmp / "input.png")
+                    vmax = max([_heat(x, f).max() for f in a.frames.values()] + [1e-6])
+                    if reconstruct:
+                        _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
+                        _png(heat_rgb(_heat(x, a.frames["reconstruction"]), vmax), tmp / "diff_reconstruction.png")
+                        images += [to_display(a.frames["reconstruction"]), heat_rgb(_heat(x, a.frames["reconstruction"]), vmax)]
+                        titles += ["reconstruction", f"|x-rec| mse {rec['mse']:.4f}"]
+                    if grader is not None:
+                        _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
+                        _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
+                        images += [to_display(a.frames["counterfactual"]), heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]
+                        titles += [f"counterfactual {a.scores['counterfactual']['grade']:.2f}", "|x-cf|"]
+                    _png(grid([images], [titles], scale=3), tmp / "panel.png")
+                    result = {"input": str(path), "autoencoder": loaded.entry.ref,
+                              "grader": gentry.ref if gentry else None}
+                    if reconstruct:
+                        result["reconstruction"] = rec
+                    if grader is not None:
+                        result.update(prediction=a.prediction, counterfactual=a.scores["counterfactual"])
+                    write_json(tmp / "result.json", result)
+                    params = {"encode_steps": enc, "decode_steps": dec, "reconstruct": reconstruct,
+                              "classifier": classifier}
+                    write_json(tmp / "provenance.json", record(request, loaded.entry, params, [path],
+                                                               grader=gentry.ref if gentry else None))
+                summary.append(result)
+                msg = f"{Path(path).name}:"
                 if reconstruct:
-                    _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
-                    _png(heat_rgb(_heat(x, a.frames["reconstruction"]), vmax), tmp / "diff_reconstruction.png")
-                    images += [to_display(a.frames["reconstruction"]), heat_rgb(_heat(x, a.frames["reconstruction"]), vmax)]
-                    titles += ["reconstruction", f"|x-rec| mse {rec['mse']:.4f}"]
+                    msg += f" reconstruction MSE {rec['mse']:.5f}, MAE {rec['mae']:.4f}, PSNR {rec['psnr_db']:.1f} dB;"
                 if grader is not None:
-                    _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
-                    _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
-                    images += [to_display(a.frames["counterfactual"]), heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]
-                    titles += [f"counterfactual {a.scores['counterfactual']['grade']:.2f}", "|x-cf|"]
-                _png(grid([images], [titles], scale=3), tmp / "panel.png")
-                result = {"input": str(path), "autoencoder": loaded.entry.ref,
-                          "grader": gentry.ref if gentry else None}
-                if reconstruct:
-                    result["reconstruction"] = rec
-                if grader is not None:
-                    result.update(prediction=a.prediction, counterfactual=a.scores["counterfactual"])
-                write_json(tmp / "result.json", result)
-                params = {"encode_steps": enc, "decode_steps": dec, "reconstruct": reconstruct,
-                          "classifier": classifier}
-                write_json(tmp / "provenance.json", record(request, loaded.entry, params, [path],
-                                                           grader=gentry.ref if gentry else None))
-            summary.append(result)
-            msg = f"{Path(path).name}:"
-            if reconstruct:
-                msg += f" reconstruction MSE {rec['mse']:.5f}, MAE {rec['mae']:.4f}, PSNR {rec['psnr_db']:.1f} dB;"
-            if grader is not None:
-                msg += (f" grade {a.prediction['grade']:.2f} -> counterfactual "
-                        f"{a.scores['counterfactual']['grade']:.2f};")
-            request.log(f"{msg} -> {folder}")
-        if request.console is None:
-            return {"results": summary}
-        return {"printed": True}
+                    msg += (f" grade {a.prediction['grade']:.2f} -> counterfactual "
+                            f"{a.scores['counterfactual']['grade']:.2f};")
+                request.log(f"{msg} -> {folder}")
+        return log.finish({"results": summary} if request.console is None else {"printed": True})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,10 @@ import torch
 from medcfx import viz
 from medcfx.diffusion import Schedule
 from medcfx.errors import MedcfxError, UsageError
+from medcfx.inputs import CaseLog, OutputDir
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
+from medcfx.staging import atomic_write_bytes, staged_folder
 
 from medcfx_mediffusion import counterfactual as cf
 from medcfx_mediffusion.autoencoder import AEConfig, AETrainModule, KLAutoencoder, PatchDiscriminator, ae_loss, ssim
@@ -375,9 +375,7 @@ class JointScorer:
             w.writerow(["file", *ccfg["findings"]])
             for r in rows:
                 w.writerow([r["file"], *(r[f] for f in ccfg["findings"])])
-            tmp = request.out / f".predictions.csv.{os.getpid()}.tmp"
-            tmp.write_text(buf.getvalue())
-            os.replace(tmp, request.out / "predictions.csv")
+            atomic_write_bytes(request.out / "predictions.csv", buf.getvalue().encode())
             write_json(request.out / "provenance.json", record(request, entry, {"t": 0}, paths, predictions=rows))
         return {"printed": True} if request.console is not None else {"model": entry.ref, "predictions": rows}
 
@@ -438,7 +436,7 @@ class JointSampler:
         model, codec, entry = load_joint(request.registry, request.model, request.device)
         c = entry.config
         ccfg, ecfg = c["classifier"], request.config["explain"]
-        findings, kind = ccfg["findings"], ccfg["kind"]
+        findings = ccfg["findings"]
         o = request.options
         targets = cf.parse_targets(o["target"], findings)
         removing = any(not tg.add for tg in targets)
@@ -454,46 +452,48 @@ class JointSampler:
         pp = _pp_of(c["preprocess"])
         channels = int(c["ae"]["network"]["in_channels"])
         paths = expand_inputs(request.inputs)
-        loaded = [(p, *read_input(p, pp, channels, log=request.log)) for p in paths]  # every input is read before anything is written
         out = Path(request.out)
-        out.mkdir(parents=True, exist_ok=True)
         params = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps, "sampler": sampler,
                   "noising": "forward q_sample to t", "guidance": "eps - sqrt(1-abar_t) * grad sum_j s_j log p_j",
                   "diff": "|counterfactual - input| (intensity in [0, 1], channel mean)"}
         results = []
         used: set[str] = set()
-        for i, (path, x, geom) in enumerate(loaded):
+        log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
+        for path in paths:
             name = _unique(Path(path).stem, used)
-            g = torch.Generator().manual_seed(int(request.seed))
-            x = x.to(request.device)
-            z0 = codec.encode(x)
-            z_cf = cf.counterfactual(model, schedule, z0, kind, targets, scales, t, steps, sampler, g)
-            x_cf, x_rec = codec.decode(z_cf).cpu(), codec.decode(z0).cpu()
-            before = classify(model, z0.cpu(), kind)[0]
-            after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
-            u_in, u_cf, u_rec = _unit(x[0].cpu()), _unit(x_cf[0]), _unit(x_rec[0])
-            diff = np.abs(u_cf - u_in).mean(axis=0)
-            folder = _staging(out, name)
-            try:
-                viz.save_png(_gray_u8(geom.to_original(u_cf[None])), folder / "counterfactual.png")
-                orig_diff = geom.to_original(diff[None])
-                viz.save_png(viz.heat_rgb(orig_diff, vmax=max(float(diff.max()), 1e-6)), folder / "difference.png")
-                tiles = [_gray_u8(u_in), _gray_u8(u_rec), _gray_u8(u_cf), viz.heat_rgb(diff), viz.overlay(_gray_u8(u_in), diff)]
-                titles = ["input", "AE recon", "counterfactual", f"|diff| max {diff.max():.2f}", "overlay"]
-                lines = [f"target {','.join(tg.name for tg in targets)}  t={t}  scale={','.join(f'{s:g}' for s in scales)}",
-                         "probability before -> after:", *_titles_text(findings, before, after)]
-                viz.save_png(_with_text(viz.panel(tiles, titles, scale=3), lines), folder / "panel.png")
-                probs = {f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}
-                write_json(folder / "provenance.json", record(request, entry, params, [path], probabilities=probs,
-                                                             diff_max=float(diff.max()), diff_mean=float(diff.mean())))
-                _commit(folder, out / name)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            results.append({"input": str(path), "folder": str(out / name), "probabilities": probs})
-            request.log(f"{path}: " + ", ".join(f"{f} {b:.2f}->{a:.2f}" for f, b, a in zip(findings, before, after))
-                        + f"  -> {out / name}")
-        return {"printed": True} if request.console is not None else {"model": entry.ref, "outputs": results}
+            with log.case(str(path), Path(path).name):
+                x, geom = read_input(path, pp, channels, log=request.log)
+                results.append(self._explain_one(request, entry, model, codec, schedule, path, x, geom, out / name,
+                                                 targets, scales, t, steps, sampler, params))
+        return log.finish({"printed": True} if request.console is not None else {"model": entry.ref, "outputs": results})
+
+    def _explain_one(self, request, entry, model, codec, schedule, path, x, geom, final: Path, targets, scales,
+                     t, steps, sampler, params) -> dict:
+        findings, kind = entry.config["classifier"]["findings"], entry.config["classifier"]["kind"]
+        g = torch.Generator().manual_seed(int(request.seed))
+        x = x.to(request.device)
+        z0 = codec.encode(x)
+        z_cf = cf.counterfactual(model, schedule, z0, kind, targets, scales, t, steps, sampler, g)
+        x_cf, x_rec = codec.decode(z_cf).cpu(), codec.decode(z0).cpu()
+        before = classify(model, z0.cpu(), kind)[0]
+        after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
+        u_in, u_cf, u_rec = _unit(x[0].cpu()), _unit(x_cf[0]), _unit(x_rec[0])
+        diff = np.abs(u_cf - u_in).mean(axis=0)
+        with OutputDir(final.parent, final.name) as folder:
+            viz.save_png(_gray_u8(geom.to_original(u_cf[None])), folder / "counterfactual.png")
+            orig_diff = geom.to_original(diff[None])
+            viz.save_png(viz.heat_rgb(orig_diff, vmax=max(float(diff.max()), 1e-6)), folder / "difference.png")
+            tiles = [_gray_u8(u_in), _gray_u8(u_rec), _gray_u8(u_cf), viz.heat_rgb(diff), viz.overlay(_gray_u8(u_in), diff)]
+            titles = ["input", "AE recon", "counterfactual", f"|diff| max {diff.max():.2f}", "overlay"]
+            lines = [f"target {','.join(tg.name for tg in targets)}  t={t}  scale={','.join(f'{s:g}' for s in scales)}",
+                     "probability before -> after:", *_titles_text(findings, before, after)]
+            viz.save_png(_with_text(viz.panel(tiles, titles, scale=3), lines), folder / "panel.png")
+            probs = {f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}
+            write_json(folder / "provenance.json", record(request, entry, params, [path], probabilities=probs,
+                                                         diff_max=float(diff.max()), diff_mean=float(diff.mean())))
+        request.log(f"{path}: " + ", ".join(f"{f} {b:.2f}->{a:.2f}" for f, b, a in zip(findings, before, after))
+                    + f"  -> {final}")
+        return {"input": str(path), "folder": str(final), "probabilities": probs}
 
     def sample(self, request) -> dict:
         model, codec, entry = load_joint(request.registry, request.model, request.device)
@@ -523,8 +523,7 @@ class JointSampler:
         x = torch.cat(images)
         p = np.concatenate(probs)
         out = Path(request.out)
-        folder = _staging(out.parent if out.name else out, out.name or "samples")
-        try:
+        with staged_folder(out) as folder:
             tiles = [_gray_u8(_unit(xi)) for xi in x]
             per_row = int(np.ceil(np.sqrt(n)))
             rows = [tiles[r:r + per_row] for r in range(0, n, per_row)]
@@ -536,10 +535,6 @@ class JointSampler:
                       "n": n, "grid titles": "probabilities in the order " + ", ".join(findings)}
             write_json(folder / "provenance.json", record(request, entry, params, [], probabilities=[
                 {f: float(v) for f, v in zip(findings, pi)} for pi in p]))
-            _commit(folder, out)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         mean = {f: float(p[:, k].mean()) for k, f in enumerate(findings)}
         request.log(f"wrote {n} samples to {out} (mean probability: " + ", ".join(f"{f} {v:.2f}" for f, v in mean.items()) + ")")
         return {"model": entry.ref, "out": str(out), "mean_probability": mean, "printed": request.console is not None}
@@ -551,26 +546,6 @@ def _unique(stem: str, used: set[str]) -> str:
         name, k = f"{stem}_{k}", k + 1
     used.add(name)
     return name
-
-
-def _staging(parent: Path, name: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    folder = parent / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    return folder
-
-
-def _commit(folder: Path, final: Path) -> None:
-    """Move a finished staging folder into place (replacing an older result of the same name)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.{os.getpid()}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(folder, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(folder, final)
 
 
 # ------------------------------------------------------------------------------------------ registration
@@ -589,6 +564,7 @@ def methods() -> list[Method]:
             summary="KL autoencoder for mediffusion's latent space (L1 + SSIM + small KL, optional patch GAN)",
             capabilities={"train", "evaluate"},
             trainer=AETrainer(), scorer=AEScorer(), input_channels=(1, 3), defaults=ae_defaults,
+            deterministic={"evaluate": "mediffusion-ae evaluate decodes the posterior mean (deterministic)"},
         ),
         Method(
             name="mediffusion",
@@ -596,22 +572,27 @@ def methods() -> list[Method]:
             capabilities={"train", "explain", "sample", "predict", "evaluate"},
             trainer=JointTrainer(), sampler=JointSampler(), scorer=JointScorer(), input_channels=(1, 3),
             conditioning=("classifier",), targets=("<finding>", "no-<finding>"), defaults=defaults,
+            deterministic=dict.fromkeys(("predict", "evaluate"), "mediffusion classifies the clean latent "
+                                                                 "(deterministic)"),
             options={
                 "train": [
-                    Option("label_fraction", float, 1.0, "share of the labelled images whose labels are used (0-1]"),
+                    Option("label_fraction", float, 1.0, "share of the labelled images whose labels are used (0-1]",
+                           bounds="(0, 1]"),
                     Option("label_seed", int, 0, "seed of the (nested) label subsampling"),
                     Option("ae", str, "mediffusion-ae", "registry reference of the trained autoencoder"),
                 ],
                 "explain": [
                     Option("target", list, [], TARGET_HELP),
-                    Option("t", int, None, "noise the latent to this timestep (default 300 to remove, 200 to add)"),
-                    Option("scale", float, None, "guidance scale for every target (default 500 to remove, 200 to add)"),
+                    Option("t", int, None, "noise the latent to this timestep (default 300 to remove, 200 to add)",
+                           bounds="[1, inf)"),
+                    Option("scale", float, None, "guidance scale for every target (default 500 to remove, 200 to add)",
+                           bounds="[0, inf)"),
                     Option("steps", str, None, "reverse steps from t to 0: a number or 'all' (default all)"),
                     Option("sampler", str, None, "ddpm (ancestral, default) or ddim", choices=("ddpm", "ddim")),
                 ],
                 "sample": [
                     Option("target", list, [], TARGET_HELP + "; none: unguided"),
-                    Option("scale", float, None, "guidance scale (default 300)"),
+                    Option("scale", float, None, "guidance scale (default 300)", bounds="[0, inf)"),
                     Option("steps", str, None, "reverse steps from T to 0 (default 250; the paper: DDIM 50)"),
                     Option("sampler", str, None, "ddpm (ancestral, default) or ddim (the paper's)", choices=("ddpm", "ddim")),
                 ],

@@ -21,7 +21,7 @@ import torch
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.errors import UsageError
 from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
-from medcfx.inputs import OutputDir, load_cases, write_map
+from medcfx.inputs import CaseLog, OutputDir, load_cases, write_map
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
@@ -35,24 +35,26 @@ from .train import train_model
 
 def _sampling_options(method: str) -> list[Option]:
     opts = [
-        Option("steps", int, None, "DDPM steps on the respaced grid (default 50)"),
+        Option("steps", int, None, "DDPM steps on the respaced grid (default 50)", bounds="[1, inf)"),
         Option("map", str, None, "anomaly map: ssim (1 - SSIM, the paper) or residual (|x - restoration|)",
                choices=("ssim", "residual")),
-        Option("batch_size", int, None, "slices per batch (default 16)"),
+        Option("batch_size", int, None, "slices per batch (default 16)", bounds="[1, inf)"),
     ]
     if method == BASELINE:
-        opts.append(Option("noise_level", float, None, "noise level as a fraction of the steps (default 0.5)"))
+        opts.append(Option("noise_level", float, None, "noise level as a fraction of the steps (default 0.5)",
+                           bounds="(0, 1]"))
     return opts
 
 
 EXPLAIN_EXTRA = [
-    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)"),
+    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)", bounds="[0, inf)"),
     Option("display", str, None, "channel shown in the PNG panels (default: the first)"),
 ]
 EVAL_EXTRA = [
-    Option("eval_size", int, None, "evaluation resolution (default: the model's input size, as in the paper)"),
-    Option("slice_stride", int, 1, "evaluate every k-th slice"),
-    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)"),
+    Option("eval_size", int, None, "evaluation resolution (default: the model's input size, as in the paper)",
+           bounds="[1, inf)"),
+    Option("slice_stride", int, 1, "evaluate every k-th slice", bounds="[1, inf)"),
+    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)", bounds="[0, inf)"),
 ]
 
 
@@ -122,13 +124,14 @@ class Sampler:
     def explain(self, request) -> dict:
         mapper, pre = _mapper(request, self.method)
         bs = _batch_size(request)
-        cases = []
-        for path in request.inputs:  # every input is read and checked before any sampling starts
-            cases += [c.select(request.options.get("slice")) for c in load_cases(path, pre, mapper.channels, log=request.log)]
-        request.out.mkdir(parents=True, exist_ok=True)
-        summary = [self._explain_case(request, mapper, case, bs) for case in cases]
-        return {"method": self.method, "models": [m.ref for m in mapper.members], "out": str(request.out),
-                "cases": summary}
+        summary = []
+        log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
+        for path in request.inputs:
+            for case in load_cases(path, pre, mapper.channels, log=request.log, failures=log):
+                with log.case(f"{path} ({case.id})", case.id):
+                    summary.append(self._explain_case(request, mapper, case.select(request.options.get("slice")), bs))
+        return log.finish({"method": self.method, "models": [m.ref for m in mapper.members],
+                           "out": str(request.out), "cases": summary})
 
     def _explain_case(self, request, mapper: Mapper, case, bs: int) -> dict:
         from medcfx import viz
@@ -154,7 +157,7 @@ class Sampler:
                 tiles = [img, viz.to_uint8(rest[j, show], -1, 1), viz.heat_rgb(amap[j], vmax=vmax),
                          viz.overlay(img, viz.heat_rgb(amap[j], vmax=vmax))]
                 titles = ["input", label if len(mapper.members) == 1 else f"{label} (model 1)",
-                          f"1 - SSIM" if mapper.params.map == "ssim" else "|residual|", "overlay"]
+                          "1 - SSIM" if mapper.params.map == "ssim" else "|residual|", "overlay"]
                 if case.masks is not None:
                     tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
                     titles.append("mask")
@@ -207,7 +210,8 @@ def methods() -> list[Method]:
     }
     for name, summary in summaries.items():
         sampling = _sampling_options(name)
-        train_opts = [Option("fold", int, None, "cross-validation fold 0..9 (3 training, 2 validation tasks; default 0)")] \
+        train_opts = [Option("fold", int, None, "cross-validation fold 0..9 (3 training, 2 validation tasks; default 0)",
+                              bounds="[0, 9]")] \
             if name == METHOD else []
         defaults = DEFAULTS if name == METHOD else {
             k: v for k, v in DEFAULTS.items() if k not in ("fold", "no_task_prob", "anomalies", "foreign")}

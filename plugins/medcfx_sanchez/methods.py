@@ -23,7 +23,7 @@ from medcfx.diffusion import Schedule, log_prob_gradient
 from medcfx.errors import UsageError
 from medcfx.export import denoiser_for
 from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
-from medcfx.inputs import OutputDir, load_cases, write_map
+from medcfx.inputs import CaseLog, OutputDir, load_cases, write_map
 from medcfx.loading import load_state, load_unet
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
@@ -41,24 +41,27 @@ DEFAULT_GUIDANCE = {"sanchez": 3.0, "cdpm-healthy": 0.0, "cdpm-classifier": 100.
 
 def _sampling_options(method: str) -> list[Option]:
     return [
-        Option("guidance", float, None, f"guidance scale (cfg w / classifier s; default {DEFAULT_GUIDANCE[method]:g})"),
-        Option("noise_level", float, None, "encoding depth L as a fraction of the respaced steps (default 0.75)"),
-        Option("steps", int, None, "respaced DDIM steps (default 100)"),
-        Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)"),
+        Option("guidance", float, None, f"guidance scale (cfg w / classifier s; default {DEFAULT_GUIDANCE[method]:g})",
+               bounds="[0, inf)"),
+        Option("noise_level", float, None, "encoding depth L as a fraction of the respaced steps (default 0.75)",
+               bounds="(0, 1]"),
+        Option("steps", int, None, "respaced DDIM steps (default 100)", bounds="[1, inf)"),
+        Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)",
+               bounds="[0, 1)"),
         Option("solver", str, None, "encode/decode solver: ddim (the paper) or dpm++2m (second order; for "
                                     "fewer --steps)", choices=SOLVERS),
-        Option("batch_size", int, None, "slices per batch (default 8)"),
+        Option("batch_size", int, None, "slices per batch (default 8)", bounds="[1, inf)"),
     ]
 
 
 EXPLAIN_EXTRA = [
-    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)"),
+    Option("slice", int, None, "explain only this slice index of a volume (default: every slice)", bounds="[0, inf)"),
     Option("display", str, None, "channel shown in the PNG panels (default: flair, else the last)"),
 ]
 EVAL_EXTRA = [
-    Option("eval_size", int, None, "evaluation resolution (default 128, as in the paper)"),
-    Option("slice_stride", int, 1, "evaluate every k-th slice"),
-    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)"),
+    Option("eval_size", int, None, "evaluation resolution (default 128, as in the paper)", bounds="[1, inf)"),
+    Option("slice_stride", int, 1, "evaluate every k-th slice", bounds="[1, inf)"),
+    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)", bounds="[0, inf)"),
 ]
 
 
@@ -200,13 +203,15 @@ class Sampler:
         channels = mapper.channels if self.method != "threshold" else None
         bs = request.options.get("batch_size") or int(request.config["explain"]["batch_size"])
         summary = []
-        request.out.mkdir(parents=True, exist_ok=True)
+        log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
         for path in request.inputs:
-            cases = load_cases(path, cfg, channels if channels is not None else len(cfg.modalities), log=request.log)
-            for case in cases:
-                case = case.select(request.options.get("slice"))
-                summary.append(self._explain_case(request, entry, mapper, case, bs))
-        return {"method": self.method, "model": entry.ref if entry else None, "out": str(request.out), "cases": summary}
+            for case in load_cases(path, cfg, channels if channels is not None else len(cfg.modalities),
+                                   log=request.log, failures=log):
+                with log.case(f"{path} ({case.id})", case.id):
+                    case = case.select(request.options.get("slice"))
+                    summary.append(self._explain_case(request, entry, mapper, case, bs))
+        return log.finish({"method": self.method, "model": entry.ref if entry else None, "out": str(request.out),
+                           "cases": summary})
 
     def _explain_case(self, request, entry, mapper, case, bs: int) -> dict:
         from medcfx import viz
@@ -315,13 +320,16 @@ def methods() -> list[Method]:
             (("classifier",) if name == "cdpm-classifier" else ()),
             targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"),
             options={"explain": sampling + EXPLAIN_EXTRA, "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+            deterministic=dict.fromkeys(("explain", "evaluate"), f"the {name} counterfactual is deterministic "
+                                                                  f"(DDIM encode/decode)"),
         ))
     out.append(Method(
         name="threshold", summary="baseline: intensity thresholding of one channel (Meissen et al. 2021)",
         capabilities={"explain", "evaluate"}, sampler=Sampler("threshold"), scorer=Scorer("threshold"),
         defaults={k: v for k, v in DEFAULTS.items() if k in ("preprocess", "explain")},
-        options={"explain": [Option("batch_size", int, None, "slices per batch")] + EXPLAIN_EXTRA,
-                 "evaluate": [Option("batch_size", int, None, "slices per batch")] + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+        options={"explain": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EXPLAIN_EXTRA,
+                 "evaluate": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+        deterministic=dict.fromkeys(("explain", "evaluate"), "threshold maps a channel's intensity (no randomness)"),
     ))
     return out
 

@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _floats(text: str, flag: str, bounds: str) -> list[float]:
+    """Comma-separated finite numbers inside ``bounds``, all checked before the first evaluation runs."""
     from medcfx.errors import UsageError
+    from medcfx.method import check_bounds
 
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -18,7 +20,7 @@ def _floats(text: str, flag: str) -> list[float]:
         raise UsageError(f"{flag} expects comma-separated numbers, got {text!r}") from None
     if not values:
         raise UsageError(f"{flag} is empty")
-    return values
+    return [check_bounds(flag, v, bounds) for v in values]
 
 
 def add_sweep_command(app: typer.Typer) -> None:
@@ -47,9 +49,11 @@ def add_sweep_command(app: typer.Typer) -> None:
         from medcfx.cli_models import get_registry
         from medcfx.errors import UsageError
         from medcfx.evaluation import markdown_table
-        from medcfx.method import Request
+        from medcfx.method import Request, check_bounds
+        from medcfx.validate import check_output_folder
         from medcfx.plugins import get_plugins
         from medcfx.provenance import write_json
+        from medcfx.staging import atomic_write_bytes
 
         from .methods import _resolve_entry, run_evaluation
 
@@ -59,7 +63,13 @@ def add_sweep_command(app: typer.Typer) -> None:
         m.require_backend(_backend(backend), bf16)
         if not data.exists():
             raise UsageError(f"--data {data}: no such file or folder")
-        ws, ls = _floats(guidance, "--guidance"), _floats(noise_level, "--noise-level")
+        ws, ls = _floats(guidance, "--guidance", "[0, inf)"), _floats(noise_level, "--noise-level", "(0, 1]")
+        for flag, value, bounds in (("--steps", steps, "[1, inf)"), ("--dn-percentile", dn_percentile, "[0, 1)"),
+                                    ("--max-slices", max_slices, "[0, inf)"), ("--slice-stride", slice_stride, "[1, inf)"),
+                                    ("--batch-size", batch_size, "[1, inf)")):
+            if value is not None:
+                check_bounds(flag, value, bounds)
+        check_output_folder(out, "--out")
         defaults = {k: v for k, v in m.defaults.items() if k != "presets"}
         request = Request(command="evaluate", method=m, config=defaults, model=model, data=data, out=out,
                           device=resolve_device(device), registry=get_registry(), console=console,
@@ -90,5 +100,5 @@ def add_sweep_command(app: typer.Typer) -> None:
         write_json(out / "sweep.json", {"model": entry.ref, "data": str(data), "rows": rows, "recommended": best,
                                           "settings": settings})
         cols = ("guidance", "noise_level", "pixel_ideal_Dice", "pixel_AUPRC", "slices")
-        (out / "sweep.md").write_text(f"# Sweep of {entry.ref} on {data}\n\n" + markdown_table(rows, cols)
-                                      + f"\nRecommended: w = {best['guidance']:g}, L = {best['noise_level']:g}\n")
+        atomic_write_bytes(out / "sweep.md", (f"# Sweep of {entry.ref} on {data}\n\n" + markdown_table(rows, cols)
+                                              + f"\nRecommended: w = {best['guidance']:g}, L = {best['noise_level']:g}\n").encode())
