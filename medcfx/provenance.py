@@ -28,6 +28,11 @@ def _inputs(paths) -> list[dict]:
 
 
 def record(request, entry, params: dict, inputs=(), **extra) -> dict:
+    """The provenance of one output: version, command, model and its sha256, parameters, seed, device, the
+    CPU thread count (results differ in the last bits between thread counts, see docs/architecture.md
+    "Determinism") and the sha256 of every input file."""
+    import torch
+
     return {
         "medcfx_version": medcfx.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -38,6 +43,8 @@ def record(request, entry, params: dict, inputs=(), **extra) -> dict:
         "params": params,
         "seed": request.seed,
         "device": request.device,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
         "inputs": _inputs(inputs),
         **extra,
     }

@@ -223,3 +223,22 @@ def test_every_hostile_input_is_refused_cleanly():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hostile_inputs.py")], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+def test_sanchez_explain_is_bitwise_reproducible_at_one_thread_count_and_close_across_counts(home, tmp_path):
+    """docs/architecture.md "Determinism": the DDIM path has no randomness (so --seed is refused); the same
+    thread count gives the same bits, another thread count differs only by float summation order."""
+    import json
+
+    maps = {}
+    for tag, threads in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / tag
+        run_cli(["explain", DEMO_CASE, "--model", "sanchez-demo", "--out", out, "--device", "cpu", "--steps", "6",
+                 "--slice", "6"], env=cli_env(home, OMP_NUM_THREADS=threads), check=0)
+        maps[tag] = np.asarray(nib.load(str(out / "demo_case" / "heatmap.nii.gz")).dataobj)
+        assert json.loads((out / "demo_case" / "provenance.json").read_text())["threads"] == int(threads)
+    assert np.array_equal(maps["a"], maps["b"])
+    assert maps["a"].max() > 0.05  # a real map, not all zeros
+    np.testing.assert_allclose(maps["c"], maps["a"], rtol=0, atol=1e-4)
