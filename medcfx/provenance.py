@@ -8,12 +8,11 @@ file's sha256 and the command line. ``write_json`` writes any such record atomic
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
 import medcfx
-from medcfx import staging
+from medcfx import staging, strict_json
 from medcfx.registry import sha256_file
 
 
@@ -51,9 +50,11 @@ def record(request, entry, params: dict, inputs=(), **extra) -> dict:
 
 
 def write_json(path: Path, obj) -> Path:
-    """Write ``obj`` as indented JSON atomically (:func:`medcfx.staging.atomic_write_bytes`: never a
-    half-written file); creates the parent folder."""
+    """Write ``obj`` as indented, strict JSON atomically (:func:`medcfx.staging.atomic_write_bytes`: never a
+    half-written file); creates the parent folder. A value that could not be computed (NaN, inf) is written
+    as null, the reason is recorded under ``null_values`` (``{"metrics.pixel_AUPRC": "NaN: ..."}``) and a
+    warning naming the file goes to stderr (:mod:`medcfx.strict_json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging.atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+    staging.atomic_write_bytes(path, strict_json.dumps(obj, indent=1, default=str, warn=str(path)).encode())
     return path

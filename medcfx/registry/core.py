@@ -7,6 +7,7 @@ bytes are handed out only after their size and sha256 were checked.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -25,6 +26,7 @@ from medcfx.config import deep_merge
 from medcfx.errors import IntegrityError, MedcfxError
 from medcfx.registry.entry import (FIXED_FIELDS, ROLE, STORED_FIELDS, Entry, git_commit, now_utc, plain,
                                    validate_name)
+from medcfx.strict_json import NOTES_KEY, finite, warn_nulls
 from medcfx.registry.store import (confine, remove_objects, sha256_file, store_object,
                                    sweep_store, unreferenced)
 
@@ -54,6 +56,29 @@ def bundled_catalogue_path() -> Path | None:
         return repo
     installed = Path(sys.prefix) / "share" / "medcfx" / "registry.yaml"
     return installed if installed.is_file() else None
+
+
+def _finite(entry: Entry) -> Entry:
+    """``entry`` with every NaN / inf (a validation metric over a split without a lesion ...) stored as null,
+    the reason under the entry's ``null_values`` field ({"metrics.val_pixel_AUPRC": "NaN: ..."}) and one
+    warning line on stderr; notes of values that are numbers again are dropped. A registry entry is shown as
+    JSON (``models show --json``), where NaN is not valid."""
+    extra = dict(entry.extra)
+    prior = extra.pop(NOTES_KEY, None)
+    fields, notes = finite({"config": entry.config, "provenance": entry.provenance, "metrics": entry.metrics,
+                            **extra})
+    warn_nulls(notes, f"model {entry.ref}")
+    if isinstance(prior, dict):
+        for path, reason in prior.items():
+            node: Any = fields
+            for part in str(path).split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None and path not in notes:
+                notes[path] = reason
+    config, provenance, metrics = fields.pop("config"), fields.pop("provenance"), fields.pop("metrics")
+    if notes:
+        fields[NOTES_KEY] = notes
+    return dataclasses.replace(entry, config=config, provenance=provenance, metrics=metrics, extra=fields)
 
 
 # -------------------------------------------------------------------------------------------- Registry
@@ -363,9 +388,9 @@ class Registry:
             records = {role: {"path": store_object(self.home, path, digest, size), "sha256": digest,
                               "bytes": size}
                        for role, (path, digest, size) in sources.items()}
-            entry = Entry(name=name, version=1 + max(versions, default=0), method=method, created=now_utc(),
-                          artifacts=records, config=cfg, provenance=prov, metrics=mets, tags=tags,
-                          parent=parent, extra=extra)
+            entry = _finite(Entry(name=name, version=1 + max(versions, default=0), method=method,
+                                  created=now_utc(), artifacts=records, config=cfg, provenance=prov,
+                                  metrics=mets, tags=tags, parent=parent, extra=extra))
             self._write(user + [entry])
         return entry
 
@@ -393,7 +418,7 @@ class Registry:
                 target.artifacts[role] = {"path": store_object(self.home, path, digest, size), "sha256": digest,
                                           "bytes": size}
             merged = deep_merge(target.to_dict(), extra)
-            updated = Entry.from_dict(merged)
+            updated = _finite(Entry.from_dict(merged))
             self._write([updated if e.ref == target.ref else e for e in user])
             self._collect(old_paths, [updated if e.ref == target.ref else e for e in user])
         return updated
