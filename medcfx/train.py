@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 import medcfx
 from medcfx import staging
 from medcfx.errors import MedcfxError, UsageError
+from medcfx.train_announce import PROBE_STEPS, announce, say
 
 CHECKPOINTS_KEPT = 2
 
@@ -359,6 +360,7 @@ def fit(
     val_fn: Callable[[torch.nn.Module], float] | None = None,
     progress: bool = True,
     dist_info: Dist | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps; returns the EMA model and the loss history.
 
@@ -368,6 +370,11 @@ def fit(
     every ``cfg.val_every`` steps (and at the end); the best EMA weights by validation are kept as the
     ``best`` checkpoint and, with ``cfg.early_stopping``, training stops after that many validations
     without improvement.
+
+    Before the long part, the main process prints one line (:func:`announce`): the preset the run was started
+    with (read from the run folder's config.yaml), the network's parameter count, and the speed measured over
+    the :data:`PROBE_STEPS` steps after the first (which warms up) with the time the remaining steps will
+    take. It goes to ``log`` when given, else above the progress bar, else to stderr.
     """
     d = dist_info or init_distributed(device)
     dev = torch.device(device)
@@ -420,8 +427,10 @@ def fit(
         bar.start()
     t0 = time.perf_counter()
     t_last, step_last = t0, step
+    announced = not d.main
+    probe_t, probe_step, first_s = 0.0, -1, 0.0  # the clock and step after this session's first step
     stopped = False
-    log = open(log_path, "a") if d.main else None
+    log_file = open(log_path, "a") if d.main else None
     model.train()
     try:
         while step < cfg.steps:
@@ -449,14 +458,23 @@ def fit(
                 dist.all_reduce(t)
                 value = float(t) / d.world
             losses.append((step, value))
-            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
+            if not announced:
+                now = time.perf_counter()
+                if probe_step < 0:
+                    probe_t, probe_step, first_s = now, step, now - t0
+                if step - probe_step >= PROBE_STEPS or step == cfg.steps:
+                    timed = step - probe_step  # 0 when the run had a single step left: that step is timed
+                    rate = timed / max(now - probe_t, 1e-9) if timed else 1 / max(first_s, 1e-9)
+                    say(announce(model, cfg, run, step, rate, timed or 1, device), log, bar)
+                    announced = True
+            if log_file is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 ips = (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
                 row = {"step": step, "loss": value, "lr": opt.param_groups[0]["lr"], "it_s": ips}
                 row.update({k: float(v) for k, v in logs.items()})
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
                 if bar is not None:
                     bar.update(task, completed=step, loss=value, ips=ips)
             validate = val_fn is not None and (
@@ -465,9 +483,9 @@ def fit(
             if validate:
                 v = float(val_fn(ema))
                 val_hist.append((step, v))
-                if log is not None:
-                    log.write(json.dumps({"step": step, "val": v}) + "\n")
-                    log.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps({"step": step, "val": v}) + "\n")
+                    log_file.flush()
                 if v < best_val:
                     best_val, since_best = v, 0
                     if d.main:
@@ -483,8 +501,8 @@ def fit(
     finally:
         if bar is not None:
             bar.stop()
-        if log is not None:
-            log.close()
+        if log_file is not None:
+            log_file.close()
     barrier(d)
     seconds = time.perf_counter() - t0
     if d.main:
@@ -520,15 +538,16 @@ def start_run(request, dataset: str | None = None) -> Path | None:
     """The run folder for ``request``: a new runs/<method>/<dataset>/vN, or the latest one with --resume.
 
     The resolved config is written next to the checkpoints as config.yaml (on a resume it must match the
-    saved one: a resumed run with a different config would not be the same run).
+    saved one: a resumed run with a different config would not be the same run). The record holds the
+    data folder as an absolute path and the ``--preset`` (null: none, the method's defaults).
     """
     import yaml
 
     if isinstance(request.config.get("train"), dict):
         TrainConfig.from_dict(request.config["train"])  # a bad value is refused before the folder exists
     dataset = dataset or Path(request.data).name or "data"
-    record = {"method": request.method.name, "data": str(request.data), "seed": request.seed,
-              "options": request.options, "config": request.config}
+    record = {"method": request.method.name, "data": _absolute(request.data), "seed": request.seed,
+              "preset": (request.extra or {}).get("preset"), "options": request.options, "config": request.config}
     if request.resume:
         run = latest_run_dir(request.runs_dir, request.method.name, dataset)
         saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
@@ -540,6 +559,11 @@ def start_run(request, dataset: str | None = None) -> Path | None:
     run = new_run_dir(request.runs_dir, request.method.name, dataset)
     (run / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     return run
+
+
+def _absolute(path) -> str | None:
+    """``path`` resolved to an absolute path (symlinks followed) as a string; None stays None."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def data_fingerprint(path: Path) -> str:
@@ -561,7 +585,8 @@ def register_fit(request, result: FitResult, default_name: str, config: dict, me
     """Save the EMA weights of a finished ``fit`` as safetensors and register them.
 
     ``modules`` maps extra artifact roles to modules whose state is saved too (e.g. a classifier head).
-    Returns the registry entry.
+    Returns the registry entry. The provenance records the data and the run folder as absolute paths
+    (a relative ``brain/`` would mean nothing once the shell has moved on).
     """
     run = result.run
     weights = run / "model.safetensors"
@@ -572,12 +597,12 @@ def register_fit(request, result: FitResult, default_name: str, config: dict, me
         save_file(_state_tensors(module), str(path))
         arts[role] = path
     provenance = {
-        "data": str(request.data),
+        "data": _absolute(request.data),
         "data_fingerprint": data_fingerprint(request.data) if request.data else None,
         "steps": result.step,
         "seed": request.seed,
         "medcfx_version": medcfx.__version__,
-        "run": str(run),
+        "run": _absolute(run),
         "train_seconds": round(result.seconds, 1),
         "preset": request.extra.get("preset"),
     }
