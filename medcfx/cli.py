@@ -6,9 +6,7 @@ Errors reach the user as one line on stderr and a non-zero exit (1 user error, 2
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,11 +14,11 @@ from typing import Optional
 import typer
 from rich.markup import escape
 from rich.console import Console
-from rich.table import Table
 
 import medcfx
 from medcfx import config as cfgmod
-from medcfx import staging
+from medcfx import staging, strict_json
+from medcfx.cli_info import add_info_commands
 from medcfx.errors import CaseErrors, MedcfxError, UsageError
 from medcfx.method import Method, Request
 from medcfx.plugins import get_plugins
@@ -29,6 +27,7 @@ from medcfx.validate import check_fixed_by_model, check_output_folder, check_tra
 console = Console()
 err_console = Console(stderr=True)
 
+PRINT_CONFIG_HELP = "Print the fully resolved config (YAML) and exit without doing any work."
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 METHOD_OPTIONS_HELP = "Method-specific options follow the method's own flags; `medcfx methods NAME` lists them."
 
@@ -126,104 +125,14 @@ def _run(m: Method, command: str, request: Request) -> None:
 def _print_summary(result) -> None:
     if isinstance(result, dict) and result.get("printed") is not True:
         summary = {k: v for k, v in result.items() if k != "printed"}
-        if summary:
-            console.print_json(json.dumps(summary, default=str))
+        if summary:  # strict JSON: a value that could not be computed (NaN) is null, with a note
+            console.print_json(strict_json.dumps(summary, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# information commands
+# information commands (medcfx.cli_info)
 
-
-@app.command()
-def env() -> None:
-    """Print versions and settings for bug reports."""
-    import importlib.metadata as md
-
-    import torch
-
-    def ver(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    rows = {
-        "medcfx": medcfx.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch threads": str(torch.get_num_threads()),
-        "cuda available": str(torch.cuda.is_available()),
-        "bf16 (cpu)": str(getattr(torch.backends, "mkldnn", None) is not None and torch.backends.mkldnn.is_available()),
-    }
-    for dist in ("numpy", "typer", "pluggy", "rich", "safetensors", "nibabel", "scikit-learn", "pillow", "pyyaml",
-                 "onnx", "onnxruntime", "onnxruntime-gpu", "pydicom", "nilearn"):
-        rows[dist] = ver(dist)
-    try:
-        import onnxruntime
-
-        rows["onnxruntime providers"] = ", ".join(onnxruntime.get_available_providers())
-    except ImportError:
-        pass
-    rows["MEDCFX_HOME"] = os.environ.get("MEDCFX_HOME", "~/.medcfx (default)")
-    rows["plugins"] = ", ".join(f"{p.name} ({p.status})" for p in get_plugins().info) or "none"
-    from medcfx.registry import git_commit
-
-    rows["git commit"] = git_commit() or "unknown"
-    table = Table(show_header=False)
-    for k, v in rows.items():
-        table.add_row(k, v)
-    console.print(table)
-
-
-@app.command()
-def methods(
-    name: Optional[str] = typer.Argument(None, help="Show one method with its options."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-) -> None:
-    """List the installed methods and what each can do."""
-    plugins = get_plugins()
-    items = [plugins.method(name)] if name else list(plugins.methods().values())
-    if as_json:
-        console.print_json(json.dumps([m.describe() for m in items], default=str))
-        return
-    table = Table(title="medcfx methods")
-    for col in ("method", "plugin", "can", "channels", "conditioning", "targets", "summary"):
-        table.add_column(col)
-    for m in items:
-        table.add_row(m.name, m.plugin, ", ".join(sorted(m.capabilities)),
-                      ",".join(map(str, m.input_channels)) or "any", ", ".join(m.conditioning) or "-",
-                      ", ".join(m.targets) or "-", m.summary)
-    console.print(table)
-    if name:
-        for command, opts in items[0].options.items():
-            console.print(f"\n[bold]{command}[/bold] options:")
-            for o in opts:
-                console.print(f"  {o.flag} ({o.type.__name__}, default {o.default!r}): {o.help}")
-
-
-@app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the loaded plugins (built-in and entry points) and their hooks."""
-    p = get_plugins()
-    p.methods()
-    by_plugin: dict[str, list[str]] = {}
-    for m in p.methods().values():
-        by_plugin.setdefault(m.plugin, []).append(m.name)
-    rows = [
-        {"name": i.name, "source": i.source, "module": i.module, "status": i.status,
-         "hooks": list(i.hooks), "methods": by_plugin.get(i.name, [])}
-        for i in p.info
-    ]
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table(title="medcfx plugins")
-    for col in ("plugin", "source", "status", "hooks", "methods"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], r["source"], r["status"], ", ".join(r["hooks"]), ", ".join(r["methods"]))
-    console.print(table)
+add_info_commands(app, console)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,27 +152,73 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are created."),
+    print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
 ) -> None:
-    """Train a method's model; the result is registered in the model registry."""
+    """Train a method's model; the result is registered in the model registry. Without --preset the method's
+    defaults are used (`medcfx methods METHOD` lists the presets and every setting)."""
     m = get_plugins().method(method)
     m.require("train")
     options = m.parse_options("train", ctx.args)
     if not data.exists():
         raise UsageError(f"--data {data}: no such file or folder")
     config = _resolve_config(m, "train", _user_layers(config_file, sets), preset)
+    if print_config:
+        _print_config(m, "train", config, preset=preset)
     check_train_request(config, name, runs_dir)  # before any data is read or any folder created
+    _say_preset(m, preset)
     request = Request(command="train", method=m, options=options, config=config, data=data, name=name,
                       resume=resume, device=resolve_device(device), seed=m.check_seed("train", seed), runs_dir=runs_dir,
                       registry=_registry(), console=console, extra={"preset": preset})
     _run(m, "train", request)
 
 
+def _print_config(m: Method, command: str, config: dict, preset: Optional[str] = None,
+                  model: Optional[str] = None) -> None:
+    """``--print-config``: the resolved config as YAML on stdout, then exit 0 (nothing read, nothing written)."""
+    import yaml
+
+    from medcfx.config_keys import _plain
+
+    source = f"--preset {preset}" if preset else "the method's defaults"
+    typer.echo(f"# medcfx {command}: resolved config of method {m.name} ({source} <- -c FILE <- --set)")
+    if model:
+        typer.echo(f"# --model {model}: the settings the model fixes (preprocess, its sampling defaults) "
+                   f"are in `medcfx models show {model}`")
+    typer.echo(yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True).rstrip())
+    raise typer.Exit(0)
+
+
+def _say_preset(m: Method, preset: Optional[str]) -> None:
+    """One line when training without --preset on a method that has presets (the defaults can be a
+    paper-sized run)."""
+    presets = m.defaults.get("presets") or {}
+    if preset is None and presets:
+        same = [name for name, over in presets.items() if not over]
+        like = f" (= --preset {same[0]})" if same else ""
+        console.print(f"no --preset: training with {m.name}'s defaults{like}; presets: {', '.join(presets)} "
+                      f"(`medcfx methods {m.name}` shows what each sets)", highlight=False, markup=False)
+
+
+def default_out(base: Path, m: Method, registry, model: Optional[str]) -> Path:
+    """The default output folder of a command: ``base/<method>-<model name>-v<version>``, or
+    ``base/<method>`` without --model, so that two methods or two models never write into one folder."""
+    def safe(name: str) -> str:  # model and method names are already plain; a plugin's might not be
+        return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".") or "out"
+
+    if model is None:
+        return base / safe(m.name)
+    entry = registry.resolve(model)
+    return base / safe(f"{m.name}-{entry.name}-v{entry.version}")
+
+
 def _inference_request(command: str, ctx: typer.Context, method: Optional[str], model: Optional[str],
                        config_file, sets, device: str, seed: Optional[int], out: Optional[Path], inputs=None,
+                       out_base: Optional[Path] = None, print_config: bool = False,
                        **kw) -> tuple[Method, Request]:
     """Check everything about an explain / grade / evaluate / predict / sample request that can be checked
     before work starts (options, inputs, config, --out, --seed, overrides a model fixes), sweep ``--out``
-    of temporaries left by killed runs, and build the Request."""
+    of temporaries left by killed runs, and build the Request. Without --out the output goes to
+    :func:`default_out` under ``out_base``; ``print_config`` prints the resolved config and exits."""
     m, registry = _method_for(command, method, model)
     seed = m.check_seed(command, seed)
     if inputs is None:
@@ -271,7 +226,7 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
     else:  # options given after the input paths arrive mixed with them: separate the two
         paths: list[str] = []
         options = m.parse_options(command, [str(p) for p in inputs] + ctx.args, positionals=paths)
-        if not paths:
+        if not paths and not print_config:
             raise UsageError(f"'{command}' needs at least one input file or folder")
         inputs = [Path(p) for p in paths]
         _check_inputs(inputs)
@@ -283,6 +238,11 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
     registry = registry or _registry()
     if "train" in m.capabilities:  # a trained model's preprocessing is replayed; an override would do nothing
         check_fixed_by_model(layers, registry, model)
+    if print_config:
+        _print_config(m, command, config, model=model)
+    if out is None and out_base is not None:
+        out = default_out(out_base, m, registry, model)
+        console.print(f"--out not given: writing to {out}", highlight=False, markup=False)
     if out is not None:
         check_output_folder(out, "--out")
     device = resolve_device(device)
@@ -307,15 +267,18 @@ def _check_inputs(paths: list[Path]) -> None:
             raise UsageError(f"input {p}: no such file or folder")
 
 
-def _input_command(name: str, summary: str, inputs_help: str, default_out: Optional[Path]) -> None:
-    """explain / grade / predict: INPUT... plus the common inference options, dispatched to the method."""
+def _input_command(name: str, summary: str, inputs_help: str, out_base: Optional[Path]) -> None:
+    """explain / grade / predict: INPUT... plus the common inference options, dispatched to the method.
+    Without --out, output goes to ``out_base/<method>-<model name>-v<version>`` (:func:`default_out`)."""
+    out_help = "Output folder." if out_base is None else \
+        f"Output folder (default: {out_base}/<method>-<model name>-v<version>, {out_base}/<method> without --model)."
 
     def command(
         ctx: typer.Context,
         inputs: list[Path] = typer.Argument(..., help=inputs_help),
         method: Optional[str] = typer.Option(None, "--method", "-m", help="Method (default: the --model's method)."),
         model: Optional[str] = typer.Option(None, "--model", help="Registry reference: name, name:VERSION or sha256:PREFIX."),
-        out: Optional[Path] = typer.Option(default_out, "--out", "-o", help="Output folder."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help=out_help),
         config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config merged over the defaults."),
         sets: list[str] = typer.Option([], "--set", help="Override one config value: a.b=c (repeatable)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
@@ -323,9 +286,11 @@ def _input_command(name: str, summary: str, inputs_help: str, default_out: Optio
                                                                  "method's result does not depend on it)."),
         backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
         bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend (faster on CPUs with AVX-512 BF16 and on GPUs)."),
+        print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
     ) -> None:
         m, request = _inference_request(name, ctx, method, model, config_file, sets, device, seed, out,
-                                         inputs=inputs, extra={"backend": _backend(backend), "bf16": bf16})
+                                         inputs=inputs, extra={"backend": _backend(backend), "bf16": bf16},
+                                         out_base=out_base, print_config=print_config)
         _run(m, name, request)
 
     command.__doc__ = summary
@@ -344,7 +309,9 @@ def evaluate(
     method: str = typer.Argument(..., help="Method to evaluate."),
     model: Optional[str] = typer.Option(None, "--model"),
     data: Path = typer.Option(..., "--data", help="Annotated test set."),
-    out: Path = typer.Option(Path("medcfx-eval"), "--out", "-o"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: medcfx-eval/<method>-<model "
+                                                                  "name>-v<version>, medcfx-eval/<method> without --model)."),
+    print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
@@ -355,6 +322,7 @@ def evaluate(
     """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
     _check_inputs([data])
     m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data,
+                                     out_base=Path("medcfx-eval"), print_config=print_config,
                                      extra={"backend": _backend(backend), "bf16": bf16})
     _run(m, "evaluate", request)
 
@@ -368,7 +336,9 @@ def sample(
     method: Optional[str] = typer.Option(None, "--method", "-m"),
     model: Optional[str] = typer.Option(None, "--model"),
     n: int = typer.Option(16, "-n", help="Number of images."),
-    out: Path = typer.Option(Path("medcfx-samples"), "--out", "-o"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: medcfx-samples/<method>-"
+                                                                  "<model name>-v<version>, medcfx-samples/<method> without --model)."),
+    print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c"),
     sets: list[str] = typer.Option([], "--set"),
     device: str = typer.Option("auto", "--device"),
@@ -377,26 +347,34 @@ def sample(
     """Generate new images from a model."""
     if n < 1:
         raise UsageError("-n must be >= 1")
-    m, request = _inference_request("sample", ctx, method, model, config_file, sets, device, seed, out, extra={"n": n})
+    m, request = _inference_request("sample", ctx, method, model, config_file, sets, device, seed, out, extra={"n": n},
+                                     out_base=Path("medcfx-samples"), print_config=print_config)
     _run(m, "sample", request)
 
 
 @app.command("export")
 def export_cmd(
-    ref: str = typer.Argument(..., help="Registry reference of the model to export."),
+    ref: str = typer.Argument(..., help="Registry reference of the model whose denoiser is converted."),
     fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
 ) -> None:
-    """Export a model's denoiser to ONNX; refused unless it matches torch (per call < 1e-4, heatmaps < 1e-3)."""
+    """Export a model's denoiser network to ONNX and attach the .onnx file to the model in the registry (for
+    `--backend onnx`); refused unless it matches torch (per call < 1e-4, heatmaps < 1e-3). A bundled model is
+    first copied into your store as its next version. (To pack a model into a .tar archive for another
+    machine: `medcfx models export REF OUT.tar`.)"""
     from medcfx.export import export_model
 
     if fmt != "onnx":
         raise UsageError(f"--format must be onnx, got {fmt!r}")
-    entry = export_model(_registry(), ref, opset=opset, dynamic_batch=dynamic_batch, log=console.print)
+
+    def line(text: str) -> None:  # one line each, whatever the terminal width
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    entry = export_model(_registry(), ref, opset=opset, dynamic_batch=dynamic_batch, log=line)
     info = entry.extra["export"]
-    console.print(f"exported {entry.ref} to ONNX (sha256 {entry.artifacts['onnx']['sha256'][:12]}, "
-                  f"{entry.artifacts['onnx']['bytes']} bytes); parity per call {info['parity']['per_call_max_abs']:.1e}")
+    line(f"exported the denoiser of {entry.ref} to ONNX (sha256 {entry.artifacts['onnx']['sha256'][:12]}, "
+         f"{entry.artifacts['onnx']['bytes']} bytes); parity per call {info['parity']['per_call_max_abs']:.1e}")
 
 
 @app.command("bench")
@@ -444,8 +422,23 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _asks_version(argv: list[str]) -> bool:
+    """``--version`` / ``-V`` among the root options (before the command)."""
+    for token in argv:
+        if token in ("--version", "-V"):
+            return True
+        if not token.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """The ``medcfx`` console script: run the CLI on ``argv`` (default ``sys.argv[1:]``) and exit with its
+    status; errors are printed as one line (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _asks_version(argv):  # answered before any plugin is loaded: no torch import, instant
+        console.print(f"medcfx {medcfx.__version__}", highlight=False)
+        sys.exit(0)
     debug = "--debug" in argv or os.environ.get("MEDCFX_DEBUG") == "1"
     try:
         rv = build_app()(args=argv, prog_name="medcfx", standalone_mode=False)

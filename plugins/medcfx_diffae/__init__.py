@@ -16,7 +16,7 @@ from __future__ import annotations
 from medcfx import hookimpl
 from medcfx.method import Method, Option
 
-from medcfx_diffae.model import (
+from medcfx_diffae.configs import (
     DEMO_ENCODER,
     DEMO_NETWORK,
     GRADER_METHOD,
