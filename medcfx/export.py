@@ -11,6 +11,9 @@ with the real weights,
 
 Only then are the .onnx file (and an external-data file if onnx wrote one) added to that model version as
 artifacts (sha256-verified like every artifact), with the achieved tolerances under ``export`` in the entry.
+A bundled model is read-only: it is copied into the user's store first (:func:`store_copy`: the next
+version of its name, same verified artifacts, ``parent`` = the bundled version), and the ONNX file is
+attached to that copy, which ``--model NAME`` then resolves to (the latest version).
 
 ``OnnxDenoiser`` implements the denoiser contract with an onnxruntime session: the CUDA execution provider
 with IO binding when onnxruntime-gpu and a GPU are present, else the CPU provider.
@@ -187,14 +190,13 @@ def parity_counterfactual(unet, onnx_den, schedule, steps: int = 100, noise_leve
 
 def export_model(registry, ref: str, opset: int = 17, dynamic_batch: bool = True, tol_call: float = TOL_CALL,
                  tol_map: float = TOL_MAP, log=print):
-    """Export, gate on parity, and attach the ONNX artifact(s) to the entry. Returns the updated entry."""
+    """Export, gate on parity, and attach the ONNX artifact(s) to the entry. Returns the updated entry. A
+    bundled entry is copied into the user's store first (:func:`store_copy`, said through ``log``); the
+    copy gets the ONNX file, and is what is returned."""
     from medcfx.diffusion import Schedule
     from medcfx.loading import load_unet
 
     unet, entry = load_unet(registry, ref)
-    if entry.bundled:
-        raise UsageError(f"{entry.ref} is a bundled (read-only) model: import it first (`medcfx models export` "
-                         f"then `medcfx models import`) to attach an ONNX file")
     d = entry.config.get("diffusion", {"schedule": "linear", "T": 1000})
     schedule = Schedule.create(d["schedule"], d["T"])
     ex = entry.config.get("explain", {})
@@ -226,7 +228,24 @@ def export_model(registry, ref: str, opset: int = 17, dynamic_batch: bool = True
                 "parity": {"per_call_max_abs": per_call, "counterfactual_heatmap_max_abs": cf,
                            "gates": {"per_call": tol_call, "heatmap": tol_map}},
                 "export_seconds": round(export_s, 2), "torch_version": torch.__version__}
-        return registry.add_artifacts(entry.ref, artifacts, extra={"export": info})
+        target = entry
+        if entry.bundled:  # only after the parity gates passed: a refused export leaves no copy behind
+            target = store_copy(registry, entry)
+            use = (f"`--model {entry.name}` now means {target.ref}" if registry.resolve(entry.name).ref == target.ref
+                   else f"use `--model {target.ref}`")
+            log(f"{entry.ref} is bundled (read-only): copied it into your model store ({registry.home}) as "
+                f"{target.ref}, which gets the ONNX file; {use}")
+        return registry.add_artifacts(target.ref, artifacts, extra={"export": info})
+
+
+def store_copy(registry, entry):
+    """A user-store copy of the bundled ``entry``: an existing copy (parent = entry, same digest and config,
+    in the user's store) is reused, else :meth:`Registry.derive` makes one (the next version of its name,
+    the same sha256-verified artifacts)."""
+    for e in reversed(registry.entries()):
+        if not e.bundled and e.parent == entry.ref and e.digest == entry.digest and e.config == entry.config:
+            return e
+    return registry.derive(entry, {})
 
 
 def denoiser_for(request, entry, unet):
