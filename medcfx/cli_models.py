@@ -1,4 +1,8 @@
-"""``medcfx models ...``: list, show, verify, remove, import and export registered models.
+"""``medcfx models ...``: list, show, verify, remove, import and export (pack) registered models.
+
+``models export REF OUT.tar`` (alias ``models pack``) packs a model into an archive to copy it to another
+machine; it is not ``medcfx export REF --format onnx``, which converts a model's denoiser to ONNX and
+attaches the .onnx file to the model in the registry.
 
 Mounted by the root CLI with ``app.add_typer(models_app, name="models")``. Commands raise MedcfxError
 subclasses for the root to print as one line; ``verify`` exits 3 after listing every problem.
@@ -6,7 +10,6 @@ subclasses for the root to print as one line; ``verify`` exits 3 after listing e
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,11 +18,13 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
+from medcfx import strict_json
 from medcfx.errors import MedcfxError
 from medcfx.registry import Entry, Registry, default_home, human_bytes
 
 models_app = typer.Typer(
-    help="Manage the model store ($MEDCFX_HOME, default ~/.medcfx): list, show, verify, rm, import, export.",
+    help="Manage the model store ($MEDCFX_HOME, default ~/.medcfx): list, show, verify, rm, import, and export "
+         "(pack a model into a .tar archive; not the ONNX conversion of `medcfx export`).",
     no_args_is_help=True,
 )
 
@@ -78,24 +83,60 @@ def list_cmd(
     """List registered and bundled models."""
     entries = get_registry().entries()
     if as_json:
-        typer.echo(json.dumps([_summary(e) for e in entries], indent=2))
+        typer.echo(strict_json.dumps([_summary(e) for e in entries], indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if not entries:
         console.print(f"no models in {default_home()} (train one, or `medcfx models import FILE`)")
         return
-    table = Table(box=None, header_style="bold")
-    for column in ("ref", "method", "digest", "size", "created", "key metric", ""):
-        table.add_column(column, no_wrap=column in ("ref", "digest"))
+    rows = []
     for e in entries:
         metric = _key_metric(e)
-        table.add_row(e.ref, e.method, e.digest[:12], human_bytes(e.size), e.created,
-                      "" if metric is None else f"{metric[0]}={_fmt_value(metric[1])}",
-                      "bundled" if e.bundled else "")
-    console.print(table)
+        rows.append({"ref": e.ref, "method": e.method, "digest": e.digest[:12], "size": human_bytes(e.size),
+                     "created": e.created, "key metric": "" if metric is None else f"{metric[0]}={_fmt_value(metric[1])}",
+                     "": "bundled" if e.bundled else ""})
+    print_fitted(console, rows)
+
+
+# columns of `models list`, in order; the reference is never cut: created is shortened to its date, then
+# columns are dropped from the last of DROP_ORDER until the table fits the terminal (ref and method stay;
+# on a terminal narrower than the longest reference the line is longer than the terminal, the ref whole)
+LIST_COLUMNS = ("ref", "method", "digest", "size", "created", "key metric", "")
+DROP_ORDER = ("ref", "method", "", "key metric", "size", "created", "digest")
+
+
+def fitted_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns of ``rows`` (in :data:`LIST_COLUMNS` order) that fit ``width`` terminal columns with the
+    reference whole: created is first shortened to its date, then columns are dropped, last of
+    :data:`DROP_ORDER` first, down to ref and method. Returns (columns, rows), rows possibly shortened."""
+    def need(cols, rs) -> int:  # box=None, no left padding, one space after every column
+        return sum(max(len(c), *(len(r[c]) for r in rs)) + 1 for c in cols)
+
+    cols = list(LIST_COLUMNS)
+    if need(cols, rows) > width:
+        rows = [{**r, "created": r["created"][:10]} for r in rows]
+    for victim in reversed(DROP_ORDER[2:]):  # ref and method stay (a longer line wraps, whole)
+        if need(cols, rows) <= width:
+            break
+        cols.remove(victim)
+    return cols, rows
+
+
+def print_fitted(console, rows: list[dict[str, str]]) -> None:
+    """Print ``rows`` as a table that fits ``console.width`` without ever cutting a reference (name:version);
+    a reference longer than the terminal is printed whole on its own line."""
+    from rich.table import Table
+
+    cols, rows = fitted_columns(rows, console.width)
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    for column in cols:
+        table.add_column(column, no_wrap=True, overflow="ignore",
+                         min_width=max(len(column), *(len(r[column]) for r in rows)) if column == "ref" else None)
+    for r in rows:
+        table.add_row(*(r[c] for c in cols))
+    console.print(table, crop=False, overflow="ignore")
 
 
 @models_app.command("show")
@@ -110,7 +151,7 @@ def show_cmd(
     for role, rec in record["artifacts"].items():
         rec["file"] = str(registry.artifact_path(entry, role, verify=False))
     if as_json:
-        typer.echo(json.dumps(record, indent=2))
+        typer.echo(strict_json.dumps(record, indent=2, note=False))
     else:
         typer.echo(yaml.safe_dump(record, sort_keys=False, allow_unicode=True).rstrip())
 
@@ -181,13 +222,18 @@ def import_cmd(
     typer.echo(f"imported {entry.ref} (was {source}, digest {entry.digest[:12]})")
 
 
-@models_app.command("export")
 def export_cmd(
     ref: Annotated[str, typer.Argument(help="name, name:VERSION or sha256:PREFIX")],
     out: Annotated[Path, typer.Argument(help="Output archive: .tar, .tar.gz or .tgz")],
 ) -> None:
-    """Write one model (entry.yaml + verified artifacts) to a tar archive."""
+    """Pack one model (entry.yaml + verified artifacts) into a .tar archive, to copy it to another machine
+    (`medcfx models import` reads it). Not the ONNX conversion: that is `medcfx export REF --format onnx`."""
     registry = get_registry()
     entry = registry.resolve(ref)
     path = registry.export(entry, out)
-    typer.echo(f"exported {entry.ref} to {path}")
+    typer.echo(f"packed {entry.ref} into {path}")
+
+
+models_app.command("export")(export_cmd)
+models_app.command("pack", help="Same as `models export`: pack one model into a .tar archive (entry.yaml + "
+                                "verified artifacts) for `medcfx models import` on another machine.")(export_cmd)
