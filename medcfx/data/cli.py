@@ -6,7 +6,11 @@ prints it as one line).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -170,8 +174,72 @@ def demo_cmd(
     if overwrite:
         opts["overwrite"] = True
     check_output_folder(out, "--out")
-    written = make_demo(kind, out, cases=cases, seed=seed, **opts)
-    console.print(f"wrote {kind} demo data to {written}", highlight=False)
+    n = cases if cases is not None else DEMO_DEFAULT_CASES.get(kind)
+    step = _progress_step(n)
+    console.print(f"writing {n if n is not None else 'the default number of'} {kind} demo cases to {out} "
+                  f"({'a line per case' if step == 1 else f'a line every {step} cases'})", highlight=False, markup=False)
+    t0 = time.perf_counter()
+    with _progress(out, n, t0):
+        written = make_demo(kind, out, cases=cases, seed=seed, **opts)
+    console.print(f"wrote {n if n is not None else ''} {kind} demo cases to {written} in "
+                  f"{time.perf_counter() - t0:.1f} s", highlight=False, markup=False)
+
+
+# the makers' default case counts (medcfx.data.demo.make_demo), for the progress lines only
+DEMO_DEFAULT_CASES = {"brain": 20, "vertebra": 400, "chest": 400}
+
+
+def _progress_step(n: Optional[int]) -> int:
+    return 1 if n is None or n <= 20 else max(1, n // 10)
+
+
+def _cases_written(out: Path) -> int:
+    """Cases in this process's staging folder of ``out`` (medcfx.staging names it
+    ``.medcfx-tmp-<pid>-...-<out name>``): files under images/ (vertebra, chest), else case folders (brain;
+    the last folder is the case being written and is not counted)."""
+    from medcfx import staging
+
+    parent, mine = out.absolute().parent, f"{staging.PREFIX}{os.getpid()}-"
+    try:
+        tmps = [p for p in parent.iterdir() if p.name.startswith(mine) and p.name.endswith("-" + out.name)]
+    except OSError:
+        return 0
+    total = 0
+    for tmp in tmps:
+        images = tmp / "images"
+        try:
+            if images.is_dir():
+                total += sum(1 for p in images.iterdir() if not p.name.startswith("."))
+            else:
+                total += max(0, sum(1 for p in tmp.iterdir() if p.is_dir() and not p.name.startswith(".")) - 1)
+        except OSError:
+            pass
+    return total
+
+
+@contextlib.contextmanager
+def _progress(out: Path, n: Optional[int], t0: float):
+    """While the block runs, a thread prints ``k/n cases (elapsed)`` every :func:`_progress_step` cases,
+    counted in the output's staging folder (the demo writers offer no callback)."""
+    stop = threading.Event()
+    step = _progress_step(n)
+
+    def watch() -> None:
+        shown = 0
+        while not stop.wait(0.5):
+            done = _cases_written(out)
+            if done >= shown + step and (n is None or done < n):
+                shown = done - done % step
+                of = f"/{n}" if n is not None else ""
+                console.print(f"  {done}{of} cases ({time.perf_counter() - t0:.0f} s)", highlight=False, markup=False)
+
+    thread = threading.Thread(target=watch, name="demo-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @data_app.command("synth-anomalies")
