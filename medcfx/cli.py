@@ -318,12 +318,22 @@ def evaluate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation set to calibrate the thresholds on first "
+                                                           "(default: the model's stored calibration)."),
+    fpr: float = typer.Option(0.05, "--fpr", help="With --val: target false-positive rate on healthy voxels."),
+    healthy: bool = typer.Option(False, "--healthy", help="With --val: unannotated validation cases are healthy."),
+    n_resamples: int = typer.Option(1000, "--n-resamples", help="Bootstrap resamples of the cases for the 95 % "
+                                                                 "intervals (0: none; seed fixed at 0)."),
 ) -> None:
-    """Evaluate a model on an annotated test set (metrics as a table, JSON and markdown)."""
-    _check_inputs([data])
+    """Evaluate a model on an annotated test set (metrics with 95 % CIs as a table, JSON and markdown)."""
+    from medcfx.cli_calibrate import check_calibration_options
+
+    check_calibration_options(fpr, n_resamples)
+    _check_inputs([data] + ([val] if val is not None else []))
     m, request = _inference_request("evaluate", ctx, method, model, config_file, sets, device, seed, out, data=data,
                                      out_base=Path("medcfx-eval"), print_config=print_config,
-                                     extra={"backend": _backend(backend), "bf16": bf16})
+                                     extra={"backend": _backend(backend), "bf16": bf16, "val": val, "fpr": fpr,
+                                            "healthy": healthy, "n_resamples": n_resamples})
     _run(m, "evaluate", request)
 
 
@@ -418,6 +428,10 @@ _mount_subapps()
 
 def build_app() -> typer.Typer:
     """The root app with every plugin's commands added (``register_commands`` hook)."""
+    from medcfx.cli_calibrate import add_calibrate_command
+
+    if "calibrate" not in {c.name for c in app.registered_commands}:
+        add_calibrate_command(app)
     get_plugins().add_commands(app)
     return app
 

@@ -4,7 +4,9 @@
 from the model's resolution to the evaluation resolution (bilinear; the paper evaluates at 128 x 128) and
 streams them into :class:`medcfx.metrics.PixelMetrics` against the masks prepared at that resolution, so a
 BraTS-sized test set never has to fit in memory. Image-level scores are the mean of each map.
-``write_report`` prints the table and writes ``metrics.json`` and ``metrics.md``.
+``evaluate_maps`` is what training's quick validation uses; ``medcfx evaluate`` scores on each input's own
+grid (:mod:`medcfx.scoring`) and ``report`` prints the table and writes ``metrics.json`` and ``metrics.md``
+with bootstrap intervals over cases.
 """
 
 from __future__ import annotations
@@ -87,7 +89,11 @@ def evaluate_maps(map_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], mo
     return out
 
 
-METRIC_ORDER = ("pixel_AUPRC", "pixel_ideal_Dice", "image_AUROC", "image_AP", "slices", "seconds_per_slice")
+METRIC_ORDER = ("pixel_AUPRC", "pixel_AUROC", "pixel_ideal_Dice_oracle", "pixel_Dice@valDice", "pixel_Dice@fpr5",
+                "volume_Dice_mean@valDice", "volume_Dice_sd@valDice", "volume_Dice_mean@fpr5", "volume_Dice_sd@fpr5",
+                "image_AUROC", "image_AP")
+DEFAULT_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
 
 
 def _fmt(v) -> str:
@@ -101,31 +107,147 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
     return head + "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
 
 
-def report(request, method: str, model: str, result: dict) -> dict:
-    """The end of every ``Scorer.evaluate``: ``result`` (metrics plus a "context" dict of settings) printed
-    and written to ``request.out``, titled "<method> on <data folder>"; returns the command's output dict."""
-    result = dict(result)
-    ctx = {"method": method, "model": model, "data": str(request.data), **result.pop("context", {})}
-    metrics = write_report(request.out, f"{method} on {Path(request.data).name}", result, ctx, request.console)
-    return {"printed": True, **metrics}
+def _with_ci(m: dict) -> str:
+    """"0.5120 [0.4410, 0.5830]" (value and its interval), "nan" when undefined."""
+    if m["value"] is None or (isinstance(m["value"], float) and math.isnan(m["value"])):
+        return "nan"
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    ci = "" if lo is None or math.isnan(lo) else f" [{lo:.4f}, {hi:.4f}]"
+    return f"{m['value']:.4f}{ci}"
 
 
-def write_report(out: Path, title: str, metrics: dict, context: dict, console=None) -> dict:
-    """Print the metrics as a table and write metrics.json + metrics.md into ``out``."""
-    out = Path(out)
+def cases_reader(cfg: PreprocessConfig, channels: int, options: dict):
+    """``cases_of(path)``: the cases of a data folder read one at a time, each restricted to every
+    ``options["slice_stride"]``-th sampled slice and at most ``options["max_slices"]`` of them (spread evenly;
+    only those slices' voxels are then scored)."""
+    from medcfx.inputs import iter_cases
+
+    stride, most = int(options.get("slice_stride") or 1), int(options.get("max_slices") or 0)
+
+    def cases_of(path):
+        for case in iter_cases(Path(path), cfg, channels):
+            if stride > 1 or most:
+                case = case.subset(select_rows(len(case.slice_index), stride, most))
+            yield case
+
+    return cases_of
+
+
+def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size: int, context: dict) -> dict:
+    """``medcfx evaluate`` for a map-producing method: thresholds from ``--val`` (calibrated now on that
+    validation set with the same settings), else from the calibration stored with ``entry``, else none (only
+    the threshold-free metrics and the oracle); then every case of ``request.data`` scored on its own grid
+    (:func:`medcfx.scoring.score_cases`) and reported with intervals (:func:`report`).
+
+    ``map_batch``: see :mod:`medcfx.scoring`; ``cases_of(path)``: an iterator of the InputCases of a data
+    folder as the method reads them; ``context``: the settings to report (sampling parameters ...)."""
+    from medcfx.scoring import calibrate_cases, calibration_of, score_cases
+    from medcfx.train import data_fingerprint
+
+    thresholds: dict[str, float] = {}
+    val = request.extra.get("val")
+    if val is not None:
+        cal = calibrate_cases(cases_of(val), map_batch, batch_size, request.device, method=method,
+                              data_fingerprint=data_fingerprint(val), fpr=float(request.extra.get("fpr") or 0.05),
+                              unannotated_healthy=bool(request.extra.get("healthy")))
+        thresholds = cal.thresholds()
+        context["calibration"] = {"source": f"--val {Path(val).absolute()}", **cal.to_dict()}
+    elif (stored := calibration_of(entry)) is not None:
+        thresholds = stored[0].thresholds()
+        context["calibration"] = {"source": entry.ref, **stored[0].to_dict()}
+    else:
+        context["calibration"] = "none: no thresholded Dice (calibrate the model, or give --val VALIDATION_SET)"
+        request.log(f"{entry.ref if entry else method} has no calibration: Dice at an operating point is not "
+                      f"reported (run `medcfx calibrate` or give --val)")
+    slices = [0]
+    t0 = time.perf_counter()
+    cm = score_cases(cases_of(request.data), map_batch, batch_size, request.device, thresholds,
+                     progress=lambda case: slices.__setitem__(0, slices[0] + len(case.slice_index)))
+    seconds = time.perf_counter() - t0
+    context.update({"thresholds": thresholds, "slices": slices[0], "seconds": round(seconds, 1),
+                    "seconds_per_slice": round(seconds / max(slices[0], 1), 3)})
+    return report(request, method, entry.ref if entry is not None else "-", cm, context,
+                  request.extra.get("n_resamples"))
+
+
+def calibrate_entry(request, method: str, entry, map_batch, cases_of, batch_size: int, settings: dict) -> dict:
+    """``medcfx calibrate``: operating points of ``entry`` on the validation set ``request.data``
+    (:func:`medcfx.scoring.calibrate_cases`) stored as a new version of the model
+    (``Registry.derive``: fields ``calibration`` and ``calibration_settings``, the sampling settings they
+    hold for). Returns the command's output dict."""
+    from medcfx.scoring import calibrate_cases
+    from medcfx.train import data_fingerprint
+
+    cal = calibrate_cases(cases_of(request.data), map_batch, batch_size, request.device, method=method,
+                          data_fingerprint=data_fingerprint(request.data),
+                          fpr=float(request.extra.get("fpr") or 0.05),
+                          unannotated_healthy=bool(request.extra.get("healthy")))
+    new = request.registry.derive(entry.ref, {"calibration": cal.to_dict(),
+                                              "calibration_settings": _plain_dict(settings)})
+    named = ", ".join(f"{k} > {v:.6g}" for k, v in cal.thresholds().items())
+    best = f"; best validation Dice {cal.best_dice:.3f}" if cal.best_dice is not None else ""
+    request.log(f"calibrated {entry.ref} on {cal.n_cases} case(s) of {request.data}: {named} (achieved FPR "
+                  f"{cal.achieved_fpr:.4f}{best}) -> {new.ref}")
+    return {"printed": request.console is not None, "model": new.ref, "calibration": cal.to_dict()}
+
+
+def _plain_dict(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def report(request, method: str, model: str, cm, context: dict, n_resamples: int | None = None) -> dict:
+    """The end of every ``Scorer.evaluate``: the metrics of ``cm`` (a :class:`~medcfx.case_metrics.CaseMetrics`
+    scored on the inputs' own grids, see :mod:`medcfx.scoring`) with 95 % percentile-bootstrap intervals over
+    cases (``n_resamples``, default 1000, fixed seed 0), printed as a table and written to ``request.out``
+    as ``metrics.json`` (values, intervals, counts, the per-case table, settings) and ``metrics.md``.
+    Returns the command's output dict (metric key -> value, plus counts)."""
+    n = DEFAULT_RESAMPLES if n_resamples is None else int(n_resamples)
+    summary = cm.summary(n_resamples=n, seed=BOOTSTRAP_SEED) if n > 0 else {
+        "metrics": {k: {"value": v, "ci_low": None, "ci_high": None, "n_skipped": None}
+                    for k, v in cm.compute().items()}, "counts": cm.counts(), "bootstrap": {"n_resamples": 0}}
+    metrics = summary["metrics"]
+    values = {k: _plain(m["value"]) for k, m in metrics.items()}
+    ctx = {"method": method, "model": model, "data": str(Path(request.data).absolute()), **context}
+    title = f"{method} on {Path(request.data).name}"
+    out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = {k: v for k, v in metrics.items() if k != "examples"}
-    row = {"model": context.get("model", ""), **clean}
-    write_json(out / "metrics.json", {"title": title, "metrics": clean, **context})
-    md = f"# {title}\n\n" + markdown_table([row], ("model",) + METRIC_ORDER)
-    md += "\n" + "".join(f"- {k}: {v}\n" for k, v in context.items())
+    per_case = [{k: _plain(v) for k, v in row.items()} for row in cm.case_table()]
+    write_json(out / "metrics.json", {
+        "title": title, "metrics": values,
+        "intervals": {k: {"ci_low": _plain(m.get("ci_low")), "ci_high": _plain(m.get("ci_high")),
+                          "n_skipped": m.get("n_skipped")} for k, m in metrics.items()},
+        "labels": {k: _label(k) for k in metrics}, "counts": summary["counts"], "bootstrap": summary["bootstrap"],
+        "per_case": per_case, **ctx})
+    keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
+    md = f"# {title}\n\nScored on each input's own grid inside its foreground; value [95 % bootstrap interval " \
+         f"over cases, {n} resamples, seed {BOOTSTRAP_SEED}].\n\n| metric | value [95 % CI] |\n|---|---|\n"
+    md += "".join(f"| {_label(k)} | {_with_ci(metrics[k])} |\n" for k in keys)
+    case_cols = tuple(per_case[0]) if per_case else ()
+    md += "\n## Per case\n\n" + markdown_table(per_case, case_cols)
+    md += "\n## Settings\n\n" + "".join(f"- {k}: {v}\n" for k, v in ctx.items())
     staging.atomic_write_bytes(out / "metrics.md", md.encode())
-    if console is not None:
+    if request.console is not None:
         from rich.table import Table
 
-        table = Table(title=title)
-        for c in METRIC_ORDER:
-            table.add_column(c)
-        table.add_row(*(_fmt(clean.get(c, "")) for c in METRIC_ORDER))
-        console.print(table)
-    return clean
+        table = Table(title=f"{title} (95 % CI over {summary['counts']['cases']} cases)")
+        table.add_column("metric")
+        table.add_column("value [95 % CI]")
+        for k in keys:
+            table.add_row(_label(k), _with_ci(metrics[k]))
+        request.console.print(table)
+    return {"printed": True, **values, **summary["counts"]}
+
+
+def _label(key: str) -> str:
+    from medcfx.case_metrics import metric_label
+
+    return metric_label(key)
+
+
+def _plain(v):
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(v, (np.floating, float)):
+        return None if math.isnan(float(v)) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v

@@ -11,10 +11,11 @@ header; 2D outputs keep the input's pixel size).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class InputCase:
     source: Path
     channels: list[str]
     result: CaseResult  # images [n, C, S, S], masks, slice_index, geometry, affine, ref
+    subsampled: bool = False  # only some of the case's slices were kept (see subset)
 
     def __post_init__(self) -> None:
         check_min_side(self.result.geometry.plane, str(self.source if self.source.is_file() else f"{self.source} ({self.id})"))
@@ -79,10 +81,26 @@ class InputCase:
             kept = self.slice_index
             raise UsageError(f"--slice {slice_k}: {self.id} has slices 0..{n - 1}, of which "
                              f"{kept.min()}..{kept.max()} hold enough foreground to be explained")
+        return self.subset(rows)
+
+    def subset(self, rows) -> "InputCase":
+        """The case restricted to the sampled slices ``rows`` (indices into ``slice_index``); its
+        :attr:`scored_region` shrinks to those slices."""
+        rows = np.asarray(rows, dtype=np.int64)
         r = self.result
-        sub = CaseResult(r.images[rows], r.labels[rows], None if r.masks is None else r.masks[rows], r.has_mask,
-                         r.grade, r.bbox, r.slice_index[rows], r.geometry, r.affine, r.ref, r.notes, r.grid)
-        return InputCase(self.id, self.source, self.channels, sub)
+        sub = dataclasses.replace(r, images=r.images[rows], labels=r.labels[rows],
+                                  masks=None if r.masks is None else r.masks[rows], slice_index=r.slice_index[rows])
+        return InputCase(self.id, self.source, self.channels, sub, subsampled=True)
+
+    @property
+    def scored_region(self) -> np.ndarray | None:
+        """Where this case's maps are scored and thresholded, on the input's grid: the foreground, and for a
+        case restricted to some slices (:meth:`subset`) only the voxels of those slices."""
+        fg = self.result.foreground
+        if fg is None or not self.subsampled:
+            return fg
+        n, size = len(self.slice_index), self.images.shape[-1]
+        return fg & self.to_original(np.ones((n, size, size), bool))
 
     @property
     def grid(self) -> Volume:
@@ -168,30 +186,43 @@ class CaseLog:
 
 def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
                failures: CaseLog | None = None) -> list[InputCase]:
-    """Every case of ``path`` preprocessed for a model with ``channels`` input channels.
+    """Every case of ``path`` preprocessed for a model with ``channels`` input channels, as a list (see
+    :func:`iter_cases`, which reads them one at a time)."""
+    return list(iter_cases(path, cfg, channels, log=log, failures=failures))
+
+
+def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
+               failures: CaseLog | None = None) -> Iterator[InputCase]:
+    """The cases of ``path`` preprocessed for a model with ``channels`` input channels, read one at a time
+    (a test set of hundreds of volumes is never in memory at once).
 
     ``path``: a NIfTI file, a 2D image file (DICOM recognised by its DICM marker whatever its name), a DICOM
     series folder, or any dataset layout ``medcfx data check`` recognises. ``log``: called with one line per
     note of each case (what the readers changed or assumed), so the user sees it. Without ``failures`` the
     first case that cannot be read raises MedcfxError (naming the file); with a :class:`CaseLog` each such
     case (or the whole ``path``, when it cannot be read as a dataset) is recorded there and the readable
-    cases are returned.
+    cases are yielded.
     """
     path = Path(path)
     if failures is None:
-        cases = [read() for _, read in _case_readers(path, cfg, channels)]
+        readers = _case_readers(path, cfg, channels)
     else:
-        cases, readers = [], []
+        readers = []
         with failures.case(str(path), path.name):
             readers = _case_readers(path, cfg, channels)
-        for (case_id, read) in readers:
+    for case_id, read in readers:
+        case = None
+        if failures is None:
+            case = read()
+        else:
             with failures.case(f"{path} ({case_id})" if len(readers) > 1 else str(path), case_id):
-                cases.append(read())
-    if log is not None:
-        for case in cases:
+                case = read()
+        if case is None:
+            continue
+        if log is not None:
             for note in case.notes:
                 log(f"note: {case.id}: {note}")
-    return cases
+        yield case
 
 
 def _case_readers(path: Path, cfg: PreprocessConfig, channels: int) -> list[tuple[str, Callable[[], InputCase]]]:
@@ -252,9 +283,15 @@ class OutputDir:
 def write_map(case: InputCase, folder: Path, name: str, slices: np.ndarray, fill: float = 0.0) -> Path:
     """Write per-slice model-sized maps [n, S, S] on the input's grid: NIfTI for volumes (the input's voxel
     order, affine and header), .npy for images."""
-    vol = case.to_original(np.asarray(slices, dtype=np.float32), fill=fill)
+    return write_native(case, folder, name, case.to_original(np.asarray(slices, dtype=np.float32), fill=fill))
+
+
+def write_native(case: InputCase, folder: Path, name: str, array: np.ndarray) -> Path:
+    """Write an array already on the input's grid (float32; a bool mask as 0/1): ``name.nii.gz`` with the
+    input's affine and header for a volume, ``name.npy`` for a 2D image."""
+    vol = np.asarray(array).astype(np.float32)
     if case.is_volume:
-        return write_nifti(folder / f"{name}.nii.gz", vol.astype(np.float32), like=case.grid)
+        return write_nifti(folder / f"{name}.nii.gz", vol, like=case.grid)
     path = folder / f"{name}.npy"
-    np.save(path, vol.astype(np.float32), allow_pickle=False)
+    np.save(path, vol, allow_pickle=False)
     return path

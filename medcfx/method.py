@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 from medcfx.errors import UsageError
 
-CAPABILITIES = ("train", "explain", "grade", "sample", "evaluate", "predict")
+CAPABILITIES = ("train", "explain", "grade", "sample", "evaluate", "predict", "calibrate")
 
 # which component must provide which capability, and under which attribute name
 _PROVIDER = {
+    "calibrate": ("scorer", "calibrate"),
     "train": ("trainer", "train"),
     "explain": ("sampler", "explain"),
     "grade": ("sampler", "grade"),

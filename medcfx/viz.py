@@ -154,6 +154,21 @@ def grid(
     return canvas
 
 
+def outline(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
+    """Draw the boundary of a boolean 2-D ``mask`` (the mask's pixels with a 4-neighbour outside it) in
+    ``color`` over an (H, W, 3) uint8 image (or a greyscale (H, W) one); returns a new (H, W, 3) uint8."""
+    from scipy import ndimage
+
+    img = np.asarray(rgb)
+    img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img.copy()
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != img.shape[:2]:
+        raise UsageError(f"outline: mask {m.shape} and image {img.shape[:2]} differ in size")
+    edge = m & ~ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
+    img[edge] = color
+    return img.astype(np.uint8)
+
+
 def panel(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, scale: int = 2) -> Image.Image:
     """One row of images side by side, each with its title above it (see :func:`grid`)."""
     return grid([list(images)], [list(titles)] if titles else None, scale=scale)

@@ -281,20 +281,34 @@ def test_tampered_weights_are_refused(trained, brain, tmp_path):
 
 
 def test_threshold_evaluation_matches_sklearn(brain, tmp_path, home):
-    """The whole evaluate path (prepare, batches, streamed metrics, report) against scikit-learn."""
-    from sklearn.metrics import average_precision_score
+    """The whole evaluate path (cases read one at a time, maps on each input's own grid, streamed per-case
+    metrics, bootstrap, report) against scikit-learn on the pooled foreground voxels, with the lesion read
+    back by nibabel from the _seg files."""
+    import nibabel as nib
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from medcfx.data.preprocess import PreprocessConfig, prepare
+    from medcfx.data.preprocess import PreprocessConfig
+    from medcfx.inputs import iter_cases
 
     env = cli_env(home)
-    run_cli(["evaluate", "threshold", "--data", brain, "--out", tmp_path / "ev", "--eval-size", "16",
-             "--set", "preprocess.size=16", "--batch-size", "3"], env=env, check=0)
-    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
-    ss = prepare(brain, PreprocessConfig(size=16))
-    flair = (np.asarray(ss.images)[:, 3] + 1) / 2
-    masks = np.asarray(ss.masks) > 0
-    assert got["slices"] == len(ss)
-    assert abs(got["pixel_AUPRC"] - average_precision_score(masks.ravel(), flair.ravel())) < 1e-3
+    run_cli(["evaluate", "threshold", "--data", brain, "--out", tmp_path / "ev", "--set", "preprocess.size=16",
+             "--batch-size", "3", "--n-resamples", "50"], env=env, check=0)
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    got = report["metrics"]
+    scores, labels = [], []
+    for case in iter_cases(brain, PreprocessConfig(size=16), 4):
+        heat = case.to_original((case.images[:, 3] + 1) / 2)  # the FLAIR channel, as the baseline maps it
+        seg = np.asarray(nib.load(str(next((brain / case.id).glob("*_seg.nii.gz")))).dataobj) > 0
+        fg = case.result.foreground
+        scores.append(heat[fg])
+        labels.append(seg[fg])
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    assert report["counts"]["pixels"] == len(scores) and report["counts"]["lesion_pixels"] == labels.sum()
+    assert abs(got["pixel_AUPRC"] - average_precision_score(labels, scores)) < 1e-3
+    assert abs(got["pixel_AUROC"] - roc_auc_score(labels, scores)) < 1e-3
+    lo, hi = report["intervals"]["pixel_AUPRC"]["ci_low"], report["intervals"]["pixel_AUPRC"]["ci_high"]
+    assert lo <= got["pixel_AUPRC"] <= hi
+    assert len(report["per_case"]) == report["counts"]["cases"]
     assert (tmp_path / "ev" / "metrics.md").read_text().startswith("# threshold on train")
 
 

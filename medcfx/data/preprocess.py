@@ -165,6 +165,10 @@ class CaseResult:
     ref: Path
     notes: list[str] = field(default_factory=list)
     grid: Volume | None = None  # volumes: the reference volume's shape, affine and header (no voxel data)
+    # on the input's own grid (storage order; [H, W] for a 2D image): the lesion mask (None without
+    # annotation) and the foreground that maps are scored and thresholded inside (the brain; all of a 2D image)
+    lesion: np.ndarray | None = None
+    foreground: np.ndarray | None = None
 
 
 def load_volume_case(case: Case) -> tuple[list[Volume], Volume | None]:
@@ -232,7 +236,6 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
         v.data = None  # type: ignore[assignment]  (free the volume early)
     images *= 2.0
     images -= 1.0
-    del fg
     masks = None
     labels = np.full((n, 1), np.nan, dtype=np.float32)
     if seg is not None:
@@ -242,7 +245,7 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
     v0 = vols[0]
     grid = Volume(np.broadcast_to(np.float32(0), geom.shape), v0.affine, v0.header, v0.path, {"zooms": v0.zooms})
     return CaseResult(images, labels, masks, case.mask is not None, math.nan, None, kept.astype(np.int32), geom,
-                      v0.affine, case.channels[0], notes, grid)
+                      v0.affine, case.channels[0], notes, grid, lesion=None if seg is None else lesion, foreground=fg)
 
 
 def _read_mask_2d(path: Path, hw: tuple[int, int]) -> np.ndarray:
@@ -273,7 +276,7 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
     images = images * 2.0 - 1.0
     K = len(layout.label_names)
     labels = np.array([[case.labels.get(n, math.nan) for n in layout.label_names]], dtype=np.float32).reshape(1, K)
-    masks = None
+    masks = lesion = None
     if case.mask is not None:
         lesion = _read_mask_2d(case.mask, hw)
         masks = geom.mask_to_model(lesion)
@@ -281,13 +284,15 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
             labels[0, 0] = float(lesion.any())
     elif case.mask_empty:
         masks = np.zeros((1, cfg.size, cfg.size), np.uint8)
+        lesion = np.zeros(hw, bool)
     bbox = None
     if case.bbox:
         bbox = np.full((K, 4), np.nan, dtype=np.float32)
         for name, box in case.bbox.items():
             bbox[layout.label_names.index(name)] = geom.box_to_model(box)
     return CaseResult(images.astype(np.float32), labels, masks, case.has_mask, case.grade, bbox,
-                      np.zeros(1, np.int32), geom, None, case.channels[0], notes)
+                      np.zeros(1, np.int32), geom, None, case.channels[0], notes, lesion=lesion,
+                      foreground=np.ones(hw, bool))
 
 
 def _image_channels_of(case: Case) -> int:

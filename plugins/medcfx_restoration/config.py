@@ -45,7 +45,7 @@ DEFAULTS = {
     "foreign": {"data": None, "modalities": None},
     "val_cases": 0.1,  # share of the healthy training cases held out for the validation loss
     "val_slices": 64,  # held-out slices, corrupted with the fold's validation tasks
-    "explain": {"steps": 50, "map": "ssim", "batch_size": 16, "noise_level": 0.5, "eval_size": None},
+    "explain": {"steps": 50, "map": "ssim", "batch_size": 16, "noise_level": 0.5},
     "presets": {
         "paper": {},
         "demo": {

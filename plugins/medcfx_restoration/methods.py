@@ -13,15 +13,15 @@ Both write, per case: ``anomaly_map`` and ``restoration_<channel>`` (NIfTI on th
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.errors import UsageError
-from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
-from medcfx.inputs import CaseLog, OutputDir, load_cases, write_map
+from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases
+from medcfx.inputs import CaseLog, OutputDir, iter_cases, write_map, write_native
+from medcfx.scoring import decide, native_map, operating_point
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
@@ -51,10 +51,13 @@ EXPLAIN_EXTRA = [
     Option("display", str, None, "channel shown in the PNG panels (default: the first)"),
 ]
 EVAL_EXTRA = [
-    Option("eval_size", int, None, "evaluation resolution (default: the model's input size, as in the paper)",
+    Option("slice_stride", int, 1, "score every k-th slice of each case (only those slices' voxels count)",
            bounds="[1, inf)"),
-    Option("slice_stride", int, 1, "evaluate every k-th slice", bounds="[1, inf)"),
-    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)", bounds="[0, inf)"),
+    Option("max_slices", int, 0, "score at most this many slices per case, spread evenly (0: all)", bounds="[0, inf)"),
+]
+DECISION_EXTRA = [
+    Option("operating_point", str, None, "calibrated threshold for mask.nii.gz: fpr<N> (default) or valDice"),
+    Option("min_size", int, 1, "smallest lesion component kept, in voxels (pixels in 2D)", bounds="[1, inf)"),
 ]
 
 
@@ -124,16 +127,18 @@ class Sampler:
     def explain(self, request) -> dict:
         mapper, pre = _mapper(request, self.method)
         bs = _batch_size(request)
+        point, said = operating_point(request, _single_entry(request), mapper.params.__dict__, self.method)
         summary = []
         log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
         for path in request.inputs:
-            for case in load_cases(path, pre, mapper.channels, log=request.log, failures=log):
+            for case in iter_cases(path, pre, mapper.channels, log=request.log, failures=log):
                 with log.case(f"{path} ({case.id})", case.id):
-                    summary.append(self._explain_case(request, mapper, case.select(request.options.get("slice")), bs))
+                    summary.append(self._explain_case(request, mapper, case.select(request.options.get("slice")), bs,
+                                                      point))
         return log.finish({"method": self.method, "models": [m.ref for m in mapper.members],
-                           "out": str(request.out), "cases": summary})
+                           "out": str(request.out), **said, "cases": summary})
 
-    def _explain_case(self, request, mapper: Mapper, case, bs: int) -> dict:
+    def _explain_case(self, request, mapper: Mapper, case, bs: int, point) -> dict:
         from medcfx import viz
 
         show = _display_channel(case.channels, request.options.get("display"))
@@ -146,16 +151,24 @@ class Sampler:
         rest = torch.cat(restored).numpy()
         amap = torch.cat(maps).numpy()
         label = "restoration" if self.method == METHOD else "reconstruction"
+        amap_native = native_map(case, amap)
+        decision = None
+        if point is not None:
+            decision = decide(case, amap_native, point[0], point[1], int(request.options.get("min_size") or 1))
         with OutputDir(request.out, case.id) as folder:
-            write_map(case, folder, "anomaly_map", amap)
+            write_native(case, folder, "anomaly_map", amap_native)
+            if decision is not None:
+                write_native(case, folder, "mask", decision.mask)
             for c, name in enumerate(case.channels):
                 write_map(case, folder, f"{label}_{name}", (rest[:, c] + 1) / 2)
             (folder / "panels").mkdir()
             vmax = float(np.percentile(amap, 99.5)) or 1.0
             for j, k in enumerate(case.slice_index):
                 img = viz.to_uint8(case.images[j, show], -1, 1)
-                tiles = [img, viz.to_uint8(rest[j, show], -1, 1), viz.heat_rgb(amap[j], vmax=vmax),
-                         viz.overlay(img, viz.heat_rgb(amap[j], vmax=vmax))]
+                over = viz.overlay(img, viz.heat_rgb(amap[j], vmax=vmax))
+                if decision is not None:  # the operating point's outline, on the model-sized slice shown
+                    over = viz.outline(over, amap[j] > np.float32(decision.threshold))
+                tiles = [img, viz.to_uint8(rest[j, show], -1, 1), viz.heat_rgb(amap[j], vmax=vmax), over]
                 titles = ["input", label if len(mapper.members) == 1 else f"{label} (model 1)",
                           "1 - SSIM" if mapper.params.map == "ssim" else "|residual|", "overlay"]
                 if case.masks is not None:
@@ -168,11 +181,16 @@ class Sampler:
                       **mapper.describe()}
             entry = mapper.members[0].entry
             write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
-                                                          slices=[int(k) for k in case.slice_index], notes=case.notes))
+                                                          slices=[int(k) for k in case.slice_index], notes=case.notes,
+                                                          decision=decision.to_dict() if decision else None))
         means = amap.reshape(len(amap), -1).mean(1)
-        return {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
-                "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
-                "folder": str(request.out / case.id)}
+        out = {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
+               "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+               "folder": str(request.out / case.id)}
+        if decision is not None:
+            out.update({"decision": decision.decision, "n_components": decision.n_components,
+                        f"lesion_{decision.unit.replace('^', '')}": decision.lesion_size})
+        return out
 
 
 class Scorer:
@@ -180,23 +198,34 @@ class Scorer:
         self.method = method
 
     def evaluate(self, request) -> dict:
-        return report(request, self.method, request.model,
-                      run_evaluation(request, self.method, request.options, request.data))
+        return evaluate_cases(request, self.method, _single_entry(request),
+                              *_scoring(request, self.method, request.options))
+
+    def calibrate(self, request) -> dict:
+        entry = _single_entry(request)
+        if entry is None:
+            raise UsageError(f"--model {request.model}: a calibration is stored with one model; register the "
+                             f"members as one ensemble first (`medcfx restoration-ensemble`)")
+        map_batch, cases_of, bs, context = _scoring(request, self.method, request.options)
+        return calibrate_entry(request, self.method, entry, map_batch, cases_of, bs, context)
 
 
-def run_evaluation(request, method: str, options: dict, data: Path, keep_maps: int = 0) -> dict:
-    """Image AP / AUROC and pixel AP / ideal Dice of one model (or ensemble) on an annotated set."""
+def _single_entry(request):
+    """The registry entry of ``--model`` when it names one model (or one registered ensemble), else None."""
+    if request.model is None or "," in request.model:
+        return None
+    return request.registry.resolve(request.model)
+
+
+def _scoring(request, method: str, options: dict):
+    """(map_batch, cases_of, batch size, settings) of one model (or ensemble) for :mod:`medcfx.scoring`."""
     req = copy.copy(request)
     req.options = {**request.options, **options}
     mapper, pre = _mapper(req, method)
-    eval_size = options.get("eval_size") or request.config["explain"].get("eval_size") or pre.size
-    model_set, eval_set = test_sets(data, pre, int(eval_size), progress=False)
-    rows = select_rows(len(model_set), options.get("slice_stride") or 1, options.get("max_slices") or 0)
-    m = evaluate_maps(lambda x, b: mapper(x, start=int(b[0]))[1], model_set, eval_set, rows,
-                      batch_size=_batch_size(req), device=request.device, keep_maps=keep_maps)
-    m["context"] = {"eval_size": int(eval_size), "slice_stride": options.get("slice_stride") or 1,
-                    "max_slices": options.get("max_slices") or 0, **mapper.params.__dict__, **mapper.describe()}
-    return m
+    context = {"slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
+               **mapper.params.__dict__, **mapper.describe()}
+    return ((lambda x, start: mapper(x, start=start)[1]), cases_reader(pre, mapper.channels, options),
+            _batch_size(req), context)
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -216,11 +245,12 @@ def methods() -> list[Method]:
         defaults = DEFAULTS if name == METHOD else {
             k: v for k, v in DEFAULTS.items() if k not in ("fold", "no_task_prob", "anomalies", "foreign")}
         out.append(Method(
-            name=name, summary=summary, capabilities={"train", "explain", "evaluate"},
+            name=name, summary=summary, capabilities={"train", "explain", "evaluate", "calibrate"},
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("image",) if name == METHOD else (), targets=("healthy",), defaults=defaults,
             backends=("torch", "bf16", "onnx"),
-            options={"train": train_opts, "explain": sampling + EXPLAIN_EXTRA,
-                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+            options={"train": train_opts, "explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA,
+                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:],
+                     "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
         ))
     return out

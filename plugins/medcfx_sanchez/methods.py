@@ -22,8 +22,9 @@ from medcfx.data.preprocess import PreprocessConfig
 from medcfx.diffusion import Schedule, log_prob_gradient
 from medcfx.errors import UsageError
 from medcfx.export import denoiser_for
-from medcfx.evaluation import evaluate_maps, report, select_rows, test_sets
-from medcfx.inputs import CaseLog, OutputDir, load_cases, write_map
+from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases, evaluate_maps, select_rows
+from medcfx.inputs import CaseLog, OutputDir, iter_cases, write_map, write_native
+from medcfx.scoring import decide, native_map, operating_point, score_cases
 from medcfx.loading import load_state, load_unet
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
@@ -59,9 +60,13 @@ EXPLAIN_EXTRA = [
     Option("display", str, None, "channel shown in the PNG panels (default: flair, else the last)"),
 ]
 EVAL_EXTRA = [
-    Option("eval_size", int, None, "evaluation resolution (default 128, as in the paper)", bounds="[1, inf)"),
-    Option("slice_stride", int, 1, "evaluate every k-th slice", bounds="[1, inf)"),
-    Option("max_slices", int, 0, "evaluate at most this many slices, spread evenly (0: all)", bounds="[0, inf)"),
+    Option("slice_stride", int, 1, "score every k-th slice of each case (only those slices' voxels count)",
+           bounds="[1, inf)"),
+    Option("max_slices", int, 0, "score at most this many slices per case, spread evenly (0: all)", bounds="[0, inf)"),
+]
+DECISION_EXTRA = [
+    Option("operating_point", str, None, "calibrated threshold for mask.nii.gz: fpr<N> (default) or valDice"),
+    Option("min_size", int, 1, "smallest lesion component kept, in voxels (pixels in 2D)", bounds="[1, inf)"),
 ]
 
 
@@ -202,18 +207,19 @@ class Sampler:
         mapper = Mapper(self.method, request, entry)
         channels = mapper.channels if self.method != "threshold" else None
         bs = request.options.get("batch_size") or int(request.config["explain"]["batch_size"])
+        point, said = operating_point(request, entry, mapper.params.__dict__ if mapper.params else {}, self.method)
         summary = []
         log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
         for path in request.inputs:
-            for case in load_cases(path, cfg, channels if channels is not None else len(cfg.modalities),
+            for case in iter_cases(path, cfg, channels if channels is not None else len(cfg.modalities),
                                    log=request.log, failures=log):
                 with log.case(f"{path} ({case.id})", case.id):
                     case = case.select(request.options.get("slice"))
-                    summary.append(self._explain_case(request, entry, mapper, case, bs))
+                    summary.append(self._explain_case(request, entry, mapper, case, bs, point))
         return log.finish({"method": self.method, "model": entry.ref if entry else None, "out": str(request.out),
-                           "cases": summary})
+                           **said, "cases": summary})
 
-    def _explain_case(self, request, entry, mapper, case, bs: int) -> dict:
+    def _explain_case(self, request, entry, mapper, case, bs: int, point) -> dict:
         from medcfx import viz
 
         show = _display_channel(case.channels, request.options.get("display"))
@@ -226,8 +232,14 @@ class Sampler:
             maps.append(hm.cpu())
         x_cf = torch.cat(cfs).numpy()
         hm = torch.cat(maps).numpy()
+        heat = native_map(case, hm)
+        decision = None
+        if point is not None:
+            decision = decide(case, heat, point[0], point[1], int(request.options.get("min_size") or 1))
         with OutputDir(request.out, case.id) as folder:
-            files = [write_map(case, folder, "heatmap", hm)]
+            files = [write_native(case, folder, "heatmap", heat)]
+            if decision is not None:
+                files.append(write_native(case, folder, "mask", decision.mask))
             if self.method != "threshold":
                 for c, name in enumerate(case.channels):
                     files.append(write_map(case, folder, f"counterfactual_{name}", (x_cf[:, c] + 1) / 2))
@@ -235,9 +247,13 @@ class Sampler:
             vmax = float(np.percentile(hm, 99.5)) or 1.0
             for j, k in enumerate(case.slice_index):
                 img = case.images[j, show]
-                tiles = [viz.to_uint8(img, -1, 1), viz.to_uint8(x_cf[j, show], -1, 1),
-                         viz.overlay(viz.to_uint8(img, -1, 1), viz.heat_rgb(hm[j], vmax=vmax))]
-                titles = ["input", "counterfactual" if self.method != "threshold" else "input", "heatmap"]
+                over = viz.overlay(viz.to_uint8(img, -1, 1), viz.heat_rgb(hm[j], vmax=vmax))
+                title = "heatmap"
+                if decision is not None:  # the operating point's outline, on the model-sized slice shown
+                    over = viz.outline(over, hm[j] > np.float32(decision.threshold))
+                    title = f"heatmap, > {decision.name}"
+                tiles = [viz.to_uint8(img, -1, 1), viz.to_uint8(x_cf[j, show], -1, 1), over]
+                titles = ["input", "counterfactual" if self.method != "threshold" else "input", title]
                 if case.masks is not None:
                     tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
                     titles.append("mask")
@@ -245,13 +261,19 @@ class Sampler:
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
+            extra = {"decision": decision.to_dict()} if decision is not None else {"decision": None}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index],
-                                                          notes=case.notes))
+                                                          notes=case.notes, **extra))
         means = hm.reshape(len(hm), -1).mean(1)
-        return {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(means.mean()),
-                "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
-                "folder": str(request.out / case.id)}
+        out = {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(means.mean()),
+               "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+               "folder": str(request.out / case.id)}
+        if decision is not None:
+            d = decision.to_dict()
+            out.update({"decision": d["decision"], "n_components": d["n_components"],
+                        f"lesion_{decision.unit.replace('^', '')}": decision.lesion_size})
+        return out
 
 
 class Scorer:
@@ -260,28 +282,37 @@ class Scorer:
 
     def evaluate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
-        result = run_evaluation(request, self.method, entry, request.options, request.data)
-        return report(request, self.method, entry.ref if entry else "-", result)
+        return evaluate_cases(request, self.method, entry, *_scoring(request, self.method, entry, request.options))
+
+    def calibrate(self, request) -> dict:
+        entry = _resolve_entry(request, self.method)
+        if entry is None:
+            raise UsageError(f"{self.method} has no model to store a calibration with; give `medcfx evaluate "
+                             f"{self.method} --val VALIDATION_SET` to calibrate it for one evaluation")
+        map_batch, cases_of, bs, context = _scoring(request, self.method, entry, request.options)
+        return calibrate_entry(request, self.method, entry, map_batch, cases_of, bs, context)
 
 
-def run_evaluation(request, method: str, entry, options: dict, data: Path, keep_maps: int = 0) -> dict:
-    """Evaluate one method/model on an annotated set with the given sampling options."""
+def _scoring(request, method: str, entry, options: dict):
+    """(map_batch, cases_of, batch size, settings) of one method/model for :mod:`medcfx.scoring`."""
     cfg = _preprocess(request, entry)
-    eval_size = options.get("eval_size") or int(request.config["explain"].get("eval_size", 128))
-    model_set, eval_set = test_sets(data, cfg, eval_size, progress=False)
-    rows = select_rows(len(model_set), options.get("slice_stride") or 1, options.get("max_slices") or 0)
     req = _with_options(request, options)
     mapper = Mapper(method, req, entry)
-    show = _display_channel(list(model_set.channels), options.get("display"))
+    show = _display_channel(list(cfg.modalities), options.get("display"))
+    channels = mapper.channels if method != "threshold" else len(cfg.modalities)
     bs = options.get("batch_size") or int(request.config["explain"]["batch_size"])
-    m = evaluate_maps(lambda x, b: mapper(x, channel=show)[1], model_set, eval_set, rows, batch_size=bs,
-                      device=request.device, keep_maps=keep_maps)
-    m["context"] = {"eval_size": eval_size, "backend": req.extra.get("backend", "torch"),
-                    "bf16": bool(req.extra.get("bf16")), "slice_stride": options.get("slice_stride") or 1,
-                    "max_slices": options.get("max_slices") or 0,
-                    **({k: v for k, v in mapper.params.__dict__.items()} if mapper.params else
-                       {"channel": model_set.channels[show]})}
-    return m
+    context = {"backend": req.extra.get("backend", "torch"), "bf16": bool(req.extra.get("bf16")),
+               "slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
+               **(dict(mapper.params.__dict__) if mapper.params else {"channel": cfg.modalities[show]})}
+    return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context
+
+
+def run_evaluation(request, method: str, entry, options: dict, data: Path) -> dict:
+    """Threshold-free metrics, counts and the settings ("context") of one method/model on an annotated set
+    (the sweep's figures)."""
+    map_batch, cases_of, bs, context = _scoring(request, method, entry, options)
+    cm = score_cases(cases_of(data), map_batch, bs, request.device)
+    return {**cm.compute(), **cm.counts(), "context": context}
 
 
 def _with_options(request, options: dict):
@@ -314,13 +345,15 @@ def methods() -> list[Method]:
     for name, summary in summaries.items():
         sampling = _sampling_options(name)
         out.append(Method(
-            name=name, summary=summary, capabilities={"train", "explain", "evaluate"},
+            name=name, summary=summary, capabilities={"train", "explain", "evaluate", "calibrate"},
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("label", "classifier-free") if name == "sanchez" else
             (("classifier",) if name == "cdpm-classifier" else ()),
             targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"),
-            options={"explain": sampling + EXPLAIN_EXTRA, "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
-            deterministic=dict.fromkeys(("explain", "evaluate"), f"the {name} counterfactual is deterministic "
+            options={"explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA,
+                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:],
+                     "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+            deterministic=dict.fromkeys(("explain", "evaluate", "calibrate"), f"the {name} counterfactual is deterministic "
                                                                   f"(DDIM encode/decode)"),
         ))
     out.append(Method(

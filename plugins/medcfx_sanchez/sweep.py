@@ -34,7 +34,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDIM steps (default 100)."),
         dn_percentile: Optional[float] = typer.Option(None, "--dn-percentile"),
         solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default) or dpm++2m."),
-        max_slices: int = typer.Option(32, "--max-slices", help="Validation slices per setting (0: all)."),
+        max_slices: int = typer.Option(32, "--max-slices", help="Validation slices per case and setting, spread evenly (0: all)."),
         slice_stride: int = typer.Option(1, "--slice-stride"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         out: Path = typer.Option(Path("medcfx-sweep"), "--out", "-o"),
@@ -83,9 +83,10 @@ def add_sweep_command(app: typer.Typer) -> None:
                         "batch_size": batch_size}
                 r = run_evaluation(request, method, entry, opts, data)
                 settings = {k: v for k, v in r["context"].items() if k not in ("guidance", "noise_level")}
-                rows.append({"guidance": w, "noise_level": level, "pixel_ideal_Dice": r["pixel_ideal_Dice"],
-                             "pixel_AUPRC": r["pixel_AUPRC"], "slices": r["slices"]})
-                console.print(f"w={w:g} L={level:g}: ideal Dice {r['pixel_ideal_Dice']:.4f}, AUPRC {r['pixel_AUPRC']:.4f}")
+                rows.append({"guidance": w, "noise_level": level, "pixel_ideal_Dice": r["pixel_ideal_Dice_oracle"],
+                             "pixel_AUPRC": r["pixel_AUPRC"], "cases": r["cases"]})
+                console.print(f"w={w:g} L={level:g}: ideal Dice {rows[-1]['pixel_ideal_Dice']:.4f}, "
+                              f"AUPRC {r['pixel_AUPRC']:.4f}")
         best = max(rows, key=lambda r: r["pixel_ideal_Dice"])
         table = Table(title=f"sweep of {entry.ref} on {data.name} (ideal Dice)")
         table.add_column("w \\ L")
@@ -99,6 +100,6 @@ def add_sweep_command(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep.json", {"model": entry.ref, "data": str(data), "rows": rows, "recommended": best,
                                           "settings": settings})
-        cols = ("guidance", "noise_level", "pixel_ideal_Dice", "pixel_AUPRC", "slices")
+        cols = ("guidance", "noise_level", "pixel_ideal_Dice", "pixel_AUPRC", "cases")
         atomic_write_bytes(out / "sweep.md", (f"# Sweep of {entry.ref} on {data}\n\n" + markdown_table(rows, cols)
                                               + f"\nRecommended: w = {best['guidance']:g}, L = {best['noise_level']:g}\n").encode())
