@@ -195,8 +195,8 @@ def _say_preset(m: Method, preset: Optional[str]) -> None:
     if preset is None and presets:
         same = [name for name, over in presets.items() if not over]
         like = f" (= --preset {same[0]})" if same else ""
-        console.print(f"no --preset: training with {m.name}'s defaults{like}; presets: {', '.join(presets)} "
-                      f"(`medcfx methods {m.name}` shows what each sets)", highlight=False, markup=False)
+        err_console.print(f"no --preset: training with {m.name}'s defaults{like}; presets: {', '.join(presets)} "
+                          f"(`medcfx methods {m.name}` shows what each sets)", highlight=False, markup=False)
 
 
 def default_out(base: Path, m: Method, registry, model: Optional[str]) -> Path:
@@ -242,7 +242,7 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
         _print_config(m, command, config, model=model)
     if out is None and out_base is not None:
         out = default_out(out_base, m, registry, model)
-        console.print(f"--out not given: writing to {out}", highlight=False, markup=False)
+        err_console.print(f"--out not given: writing to {out}", highlight=False, markup=False)
     if out is not None:
         check_output_folder(out, "--out")
     device = resolve_device(device)
