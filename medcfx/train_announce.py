@@ -1,7 +1,8 @@
 """The line a training run prints before its long part: preset, network size and an estimate of the time.
 
 ``fit`` (:mod:`medcfx.train`) times the :data:`PROBE_STEPS` optimizer steps after the first (which warms
-up: allocations, autotuning), then prints :func:`announce`'s line, e.g.::
+up: allocations, autotuning), then prints :func:`announce`'s line, e.g. (the paper network of sanchez; an
+illustrative speed)::
 
     train: no --preset (the method's defaults); network 27,193,860 parameters (27.19M); 50000 steps of batch
     64 on cpu; 11.75 s/step over 5 timed step(s) -> about 163 h 11 min for the 49994 steps left (ends
