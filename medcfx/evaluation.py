@@ -133,14 +133,17 @@ def cases_reader(cfg: PreprocessConfig, channels: int, options: dict):
     return cases_of
 
 
-def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size: int, context: dict) -> dict:
+def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size: int, context: dict,
+                   self_check=None) -> dict:
     """``medcfx evaluate`` for a map-producing method: thresholds from ``--val`` (calibrated now on that
     validation set with the same settings), else from the calibration stored with ``entry``, else none (only
     the threshold-free metrics and the oracle); then every case of ``request.data`` scored on its own grid
     (:func:`medcfx.scoring.score_cases`) and reported with intervals (:func:`report`).
 
     ``map_batch``: see :mod:`medcfx.scoring`; ``cases_of(path)``: an iterator of the InputCases of a data
-    folder as the method reads them; ``context``: the settings to report (sampling parameters ...)."""
+    folder as the method reads them; ``context``: the settings to report (sampling parameters ...);
+    ``self_check(case) -> dict | None``: a counterfactual method's inversion self-check of one case (keys
+    ``mean_abs_error`` (list), ``limit``, ``flagged``), reported per case and summarised."""
     from medcfx.scoring import calibrate_cases, calibration_of, score_cases
     from medcfx.train import data_fingerprint
 
@@ -159,15 +162,27 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
         context["calibration"] = "none: no thresholded Dice (calibrate the model, or give --val VALIDATION_SET)"
         request.log(f"{entry.ref if entry else method} has no calibration: Dice at an operating point is not "
                       f"reported (run `medcfx calibrate` or give --val)")
-    slices = [0]
+    slices, checks = [0], {}
+
+    def done(case) -> None:
+        slices[0] += len(case.slice_index)
+        if self_check is not None and (c := self_check(case)) is not None:
+            checks[case.id] = c
+
     t0 = time.perf_counter()
-    cm = score_cases(cases_of(request.data), map_batch, batch_size, request.device, thresholds,
-                     progress=lambda case: slices.__setitem__(0, slices[0] + len(case.slice_index)))
+    cm = score_cases(cases_of(request.data), map_batch, batch_size, request.device, thresholds, progress=done)
     seconds = time.perf_counter() - t0
     context.update({"thresholds": thresholds, "slices": slices[0], "seconds": round(seconds, 1),
                     "seconds_per_slice": round(seconds / max(slices[0], 1), 3)})
+    if checks:
+        worst = [max(c["mean_abs_error"]) for c in checks.values()]
+        context["self_check"] = {"cases": len(checks), "flagged": sum(c["flagged"] for c in checks.values()),
+                                 "limit": next(iter(checks.values()))["limit"], "mean_worst_error": float(np.mean(worst)),
+                                 "max_error": float(max(worst))}
     return report(request, method, entry.ref if entry is not None else "-", cm, context,
-                  request.extra.get("n_resamples"))
+                  request.extra.get("n_resamples"),
+                  per_case_extra={k: {"self_check_error": max(c["mean_abs_error"]), "self_check_flagged": c["flagged"]}
+                                  for k, c in checks.items()})
 
 
 def calibrate_entry(request, method: str, entry, map_batch, cases_of, batch_size: int, settings: dict) -> dict:
@@ -195,12 +210,14 @@ def _plain_dict(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-def report(request, method: str, model: str, cm, context: dict, n_resamples: int | None = None) -> dict:
+def report(request, method: str, model: str, cm, context: dict, n_resamples: int | None = None,
+           per_case_extra: dict[str, dict] | None = None) -> dict:
     """The end of every ``Scorer.evaluate``: the metrics of ``cm`` (a :class:`~medcfx.case_metrics.CaseMetrics`
     scored on the inputs' own grids, see :mod:`medcfx.scoring`) with 95 % percentile-bootstrap intervals over
     cases (``n_resamples``, default 1000, fixed seed 0), printed as a table and written to ``request.out``
     as ``metrics.json`` (values, intervals, counts, the per-case table, settings) and ``metrics.md``.
-    Returns the command's output dict (metric key -> value, plus counts)."""
+    ``per_case_extra``: case id -> further columns of that case's row. Returns the command's output dict
+    (metric key -> value, plus counts)."""
     n = DEFAULT_RESAMPLES if n_resamples is None else int(n_resamples)
     summary = cm.summary(n_resamples=n, seed=BOOTSTRAP_SEED) if n > 0 else {
         "metrics": {k: {"value": v, "ci_low": None, "ci_high": None, "n_skipped": None}
@@ -211,7 +228,8 @@ def report(request, method: str, model: str, cm, context: dict, n_resamples: int
     title = f"{method} on {Path(request.data).name}"
     out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_case = [{k: _plain(v) for k, v in row.items()} for row in cm.case_table()]
+    per_case = [{k: _plain(v) for k, v in {**row, **(per_case_extra or {}).get(row["case"], {})}.items()}
+                for row in cm.case_table()]
     write_json(out / "metrics.json", {
         "title": title, "metrics": values,
         "intervals": {k: {"ci_low": _plain(m.get("ci_low")), "ci_high": _plain(m.get("ci_high")),

@@ -126,3 +126,29 @@ def test_calibrate_refuses_bad_requests_before_work(sets):
         assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = run_cli(["calibrate", "sanchez-demo", "--data", root / "nothere"], env=env)
     assert p.returncode == 2 and "nothere" in p.stderr
+
+
+def test_inversion_self_check_is_reported_and_flags_a_poor_inversion(sets):
+    """sanchez explain checks encode + unguided decode against the input: an encoding depth of 0 steps is the
+    identity (error exactly 0, closed form); 4 DDIM steps invert the demo brain poorly (flagged, with a
+    warning in the summary), and the flag is exactly max(error) > limit."""
+    root, env = sets["root"], sets["env"]
+    res = {}
+    for tag, level in (("id", "0.01"), ("deep", "0.75")):
+        p = run_cli(["explain", DEMO_CASE, "--model", "sanchez-demo", "--slice", "6", "--noise-level", level,
+                     "--out", root / f"sc-{tag}", *FAST], env=env, check=0)
+        res[tag] = (json.loads(p.stdout)["cases"][0],
+                    json.loads((root / f"sc-{tag}" / "demo_case" / "provenance.json").read_text())["self_check"])
+    summary, check = res["id"]
+    assert check["slices"] == [6] and check["mean_abs_error"] == [0.0] and not check["flagged"]
+    assert "warning" not in summary
+    summary, check = res["deep"]
+    assert check["flagged"] == (max(check["mean_abs_error"]) > check["limit"]) and check["flagged"]
+    assert summary["self_check_error"] == max(check["mean_abs_error"]) and "self-check failed" in summary["warning"]
+    # evaluate reports it per case and summarised
+    run_cli(["evaluate", "sanchez", "--model", "sanchez-demo", "--data", root / "test", "--max-slices", "2",
+             "--self-check-slices", "1", "--n-resamples", "0", "--out", root / "ev-sc", *FAST], env=env, check=0)
+    rep = json.loads((root / "ev-sc" / "metrics.json").read_text())
+    errors = [row["self_check_error"] for row in rep["per_case"]]
+    assert len(errors) == 2 and rep["self_check"]["mean_worst_error"] == pytest.approx(np.mean(errors))
+    assert rep["self_check"]["flagged"] == sum(row["self_check_flagged"] for row in rep["per_case"])

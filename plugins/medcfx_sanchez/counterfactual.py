@@ -85,6 +85,23 @@ def counterfactual(denoiser, x: torch.Tensor, schedule, params: CFParams, guidan
     raise UsageError(f"unknown guidance kind {guidance!r}")
 
 
+def reconstruction(denoiser, x: torch.Tensor, schedule, params: CFParams, guidance: str = "cfg",
+                   null_label: int | None = None) -> torch.Tensor:
+    """The inversion self-check of a batch ``x`` [B, C, H, W]: the same encode as :func:`counterfactual`,
+    then an unguided decode with the encoding's own condition (the null label for "cfg"; the unconditional
+    network otherwise). DDIM inversion is exact in the limit of small steps, so ``|x - reconstruction|``
+    measures how far the model and the discretisation are from reproducing this input; where it is large,
+    a heatmap ``|x - x_cf|`` shows the reconstruction error as much as the lesion."""
+    grid = schedule.respace(f"ddim{params.steps}")
+    L = grid.level_for_fraction(params.noise_level)
+    proc = x0_process(params.dn_percentile)
+    cond = None
+    if guidance == "cfg":
+        cond = {"y": torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)}
+    x_l = encode(denoiser, x, grid, L, cond=cond, x0_process=proc, solver=params.solver)
+    return decode(denoiser, x_l, grid, L, cond=cond, x0_process=proc, solver=params.solver)
+
+
 def heatmap(x: torch.Tensor, x_cf: torch.Tensor) -> torch.Tensor:
     """Channel mean of |x - x_cf|: [B, C, H, W] -> [B, H, W]."""
     return (x - x_cf).abs().mean(dim=1)

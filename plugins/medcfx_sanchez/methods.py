@@ -30,7 +30,7 @@ from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
 
-from .counterfactual import HEALTHY, SOLVERS, CFParams, counterfactual, heatmap
+from .counterfactual import HEALTHY, SOLVERS, CFParams, counterfactual, heatmap, reconstruction
 from .networks import DEFAULTS, NoisyClassifier
 from .train import saved_config, train_classifier, train_diffusion
 
@@ -64,6 +64,13 @@ EVAL_EXTRA = [
            bounds="[1, inf)"),
     Option("max_slices", int, 0, "score at most this many slices per case, spread evenly (0: all)", bounds="[0, inf)"),
 ]
+# the inversion self-check: mean |x - reconstruction| in [0, 1] intensity units per slice. Measured with the
+# bundled sanchez-demo at the default settings on 4 demo brains, 6 slices each: 0.006-0.016 (the largest on
+# the outermost slices); a slice above twice the largest of those is flagged (docs/methods/sanchez.md).
+SELF_CHECK_LIMIT = 0.03
+SELF_CHECK = Option("self_check_slices", int, 2, "slices per case whose unguided encode/decode is checked against "
+                                                 "the input (0: none; each costs one more counterfactual)",
+                    bounds="[0, inf)")
 DECISION_EXTRA = [
     Option("operating_point", str, None, "calibrated threshold for mask.nii.gz: fpr<N> (default) or valDice"),
     Option("min_size", int, 1, "smallest lesion component kept, in voxels (pixels in 2D)", bounds="[1, inf)"),
@@ -118,6 +125,26 @@ class Mapper:
             clf.to(self.device).eval()
             self.grad = log_prob_gradient(
                 lambda x, t, cond: torch.log_softmax(clf(x, t), dim=1)[:, HEALTHY])
+
+    def self_check(self, case, n_slices: int, batch_size: int) -> dict | None:
+        """The inversion self-check of ``case`` (see ``counterfactual.reconstruction``) on ``n_slices`` of its
+        sampled slices spread evenly: the mean absolute error |x - reconstruction| in intensity units [0, 1]
+        (channel and pixel mean) per checked slice, and ``flagged`` when the largest exceeds
+        SELF_CHECK_LIMIT (the heatmap of this case then shows reconstruction error, not only lesion).
+        None for the threshold baseline (no model) or ``n_slices`` = 0."""
+        if self.method == "threshold" or n_slices <= 0:
+            return None
+        rows = select_rows(len(case.images), max_slices=n_slices)
+        errors = []
+        for i in range(0, len(rows), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(case.images[rows[i:i + batch_size]])).to(self.device)
+            with torch.no_grad():
+                rec = reconstruction(self.denoiser, x, self.schedule, self.params, GUIDANCE_KIND[self.method],
+                                     null_label=self.model.null_label)
+            errors += ((x - rec).abs().mean(dim=(1, 2, 3)) / 2).cpu().tolist()
+        worst = max(errors)
+        return {"slices": [int(case.slice_index[r]) for r in rows], "mean_abs_error": errors,
+                "limit": SELF_CHECK_LIMIT, "flagged": bool(worst > SELF_CHECK_LIMIT)}
 
     def __call__(self, x: torch.Tensor, channel: int | None = None):
         if self.method == "threshold":
@@ -233,6 +260,7 @@ class Sampler:
         x_cf = torch.cat(cfs).numpy()
         hm = torch.cat(maps).numpy()
         heat = native_map(case, hm)
+        check = mapper.self_check(case, int(_option(request, "self_check_slices", 2)), bs)
         decision = None
         if point is not None:
             decision = decide(case, heat, point[0], point[1], int(request.options.get("min_size") or 1))
@@ -261,7 +289,7 @@ class Sampler:
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
-            extra = {"decision": decision.to_dict()} if decision is not None else {"decision": None}
+            extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index],
                                                           notes=case.notes, **extra))
@@ -273,6 +301,12 @@ class Sampler:
             d = decision.to_dict()
             out.update({"decision": d["decision"], "n_components": d["n_components"],
                         f"lesion_{decision.unit.replace('^', '')}": decision.lesion_size})
+        if check is not None:
+            out["self_check_error"] = max(check["mean_abs_error"])
+            if check["flagged"]:
+                out["warning"] = (f"inversion self-check failed: encode + unguided decode differs from the input by "
+                                  f"{out['self_check_error']:.3f} > {SELF_CHECK_LIMIT} (mean |x - x_rec| in [0, 1]); "
+                                  f"this heatmap shows reconstruction error as much as lesion")
         return out
 
 
@@ -282,19 +316,22 @@ class Scorer:
 
     def evaluate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
-        return evaluate_cases(request, self.method, entry, *_scoring(request, self.method, entry, request.options))
+        map_batch, cases_of, bs, context, mapper = _scoring(request, self.method, entry, request.options)
+        n = int(_option(request, "self_check_slices", 2))
+        return evaluate_cases(request, self.method, entry, map_batch, cases_of, bs, context,
+                              self_check=lambda case: mapper.self_check(case, n, bs))
 
     def calibrate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
         if entry is None:
             raise UsageError(f"{self.method} has no model to store a calibration with; give `medcfx evaluate "
                              f"{self.method} --val VALIDATION_SET` to calibrate it for one evaluation")
-        map_batch, cases_of, bs, context = _scoring(request, self.method, entry, request.options)
+        map_batch, cases_of, bs, context, _ = _scoring(request, self.method, entry, request.options)
         return calibrate_entry(request, self.method, entry, map_batch, cases_of, bs, context)
 
 
 def _scoring(request, method: str, entry, options: dict):
-    """(map_batch, cases_of, batch size, settings) of one method/model for :mod:`medcfx.scoring`."""
+    """(map_batch, cases_of, batch size, settings, mapper) of one method/model for :mod:`medcfx.scoring`."""
     cfg = _preprocess(request, entry)
     req = _with_options(request, options)
     mapper = Mapper(method, req, entry)
@@ -304,15 +341,21 @@ def _scoring(request, method: str, entry, options: dict):
     context = {"backend": req.extra.get("backend", "torch"), "bf16": bool(req.extra.get("bf16")),
                "slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
                **(dict(mapper.params.__dict__) if mapper.params else {"channel": cfg.modalities[show]})}
-    return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context
+    return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context, mapper
 
 
 def run_evaluation(request, method: str, entry, options: dict, data: Path) -> dict:
     """Threshold-free metrics, counts and the settings ("context") of one method/model on an annotated set
     (the sweep's figures)."""
-    map_batch, cases_of, bs, context = _scoring(request, method, entry, options)
+    map_batch, cases_of, bs, context, _ = _scoring(request, method, entry, options)
     cm = score_cases(cases_of(data), map_batch, bs, request.device)
     return {**cm.compute(), **cm.counts(), "context": context}
+
+
+def _option(request, name: str, default):
+    """A method option's value, or ``default`` when it was not given (or the command does not declare it)."""
+    value = request.options.get(name)
+    return default if value is None else value
 
 
 def _with_options(request, options: dict):
@@ -350,8 +393,8 @@ def methods() -> list[Method]:
             conditioning=("label", "classifier-free") if name == "sanchez" else
             (("classifier",) if name == "cdpm-classifier" else ()),
             targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"),
-            options={"explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA,
-                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:],
+            options={"explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA + [SELF_CHECK],
+                     "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:] + [SELF_CHECK],
                      "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
             deterministic=dict.fromkeys(("explain", "evaluate", "calibrate"), f"the {name} counterfactual is deterministic "
                                                                   f"(DDIM encode/decode)"),
