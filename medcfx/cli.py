@@ -113,6 +113,19 @@ def _method_for(command: str, method: Optional[str], model: Optional[str]) -> tu
     return m, registry
 
 
+def default_model(m: Method, registry, model: Optional[str]) -> Optional[str]:
+    """``--model`` as given, else (for a method that trains models) the newest registered model of the
+    method, a user-trained one before a bundled one, said in one line on stderr (``using sanchez-brats:3``);
+    None when the method needs no model or has none registered (its handler then says what it needs)."""
+    if model is not None or "train" not in m.capabilities:
+        return model
+    entry = registry.newest(m.name)
+    if entry is None:
+        return None
+    err_console.print(f"using {entry.ref}", highlight=False, markup=False)
+    return entry.ref
+
+
 def _run(m: Method, command: str, request: Request) -> None:
     try:
         result = m.handler(command)(request)
@@ -236,6 +249,8 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
     layers = _user_layers(config_file, sets)
     config = _resolve_config(m, command, layers)
     registry = registry or _registry()
+    if not print_config:
+        model = default_model(m, registry, model)
     if "train" in m.capabilities:  # a trained model's preprocessing is replayed; an override would do nothing
         check_fixed_by_model(layers, registry, model)
     if print_config:

@@ -175,6 +175,16 @@ class Registry:
         merged = user + [e for e in self._bundled_entries() if e.ref not in refs]
         return sorted(merged, key=lambda e: (e.name, e.version))
 
+    def newest(self, method: str) -> Entry | None:
+        """The model a command of ``method`` uses when no ``--model`` is given: the newest (by ``created``,
+        then version) of the user's entries of that method, else the newest bundled one; None if there is
+        none."""
+        of = [e for e in self.entries() if e.method == method]
+        for pool in ([e for e in of if not e.bundled], [e for e in of if e.bundled]):
+            if pool:
+                return max(pool, key=lambda e: (str(e.created), e.version))
+        return None
+
     # ---- resolution
     @staticmethod
     def _find(entries: list[Entry], ref: str) -> Entry:

@@ -27,7 +27,8 @@ def add_sweep_command(app: typer.Typer) -> None:
     @app.command()
     def sweep(
         method: str = typer.Argument("sanchez", help="sanchez, cdpm-classifier or cdpm-healthy."),
-        model: str = typer.Option(..., "--model", help="Registry reference."),
+        model: Optional[str] = typer.Option(None, "--model", help="Registry reference (default: the newest "
+                                                                   "model of the method, yours before a bundled one)."),
         data: Path = typer.Option(..., "--data", help="Small annotated validation set."),
         guidance: str = typer.Option("1,3,5", "--guidance", help="Comma-separated guidance scales."),
         noise_level: str = typer.Option("0.5,0.75,1.0", "--noise-level", help="Comma-separated noise levels."),
@@ -45,7 +46,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         """Sweep guidance scale x noise level on a validation set; report ideal Dice and recommend (w, L)."""
         from rich.table import Table
 
-        from medcfx.cli import _backend, console, resolve_device
+        from medcfx.cli import _backend, console, default_model, resolve_device
         from medcfx.cli_models import get_registry
         from medcfx.errors import UsageError
         from medcfx.evaluation import markdown_table
@@ -70,6 +71,7 @@ def add_sweep_command(app: typer.Typer) -> None:
             if value is not None:
                 check_bounds(flag, value, bounds)
         check_output_folder(out, "--out")
+        model = default_model(m, get_registry(), model)
         defaults = {k: v for k, v in m.defaults.items() if k != "presets"}
         request = Request(command="evaluate", method=m, config=defaults, model=model, data=data, out=out,
                           device=resolve_device(device), registry=get_registry(), console=console,
