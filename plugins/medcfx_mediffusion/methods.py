@@ -19,6 +19,7 @@ from medcfx.provenance import record, write_json
 from medcfx.staging import atomic_write_bytes, staged_folder
 
 from medcfx_mediffusion import counterfactual as cf
+from medcfx_mediffusion import quality as cq
 from medcfx_mediffusion.autoencoder import AEConfig, AETrainModule, KLAutoencoder, PatchDiscriminator, ae_loss, ssim
 from medcfx_mediffusion.data import (
     LatentCodec,
@@ -393,15 +394,81 @@ class JointScorer:
         probs = classify(model, z, ccfg["kind"])
         metrics = auroc_table(probs, labels, findings)
         out = {"model": entry.ref, "data": str(request.data), "images": int(len(rows)), **metrics}
+        n_cf = int(request.options.get("cf_images", CF_IMAGES))
+        quality = self._cf_quality(request, model, codec, entry, ss, rows, n_cf) if n_cf > 0 else None
+        if quality is not None:
+            out["counterfactual_quality"] = {**quality["settings"], **quality["summary"]}
         request.out.mkdir(parents=True, exist_ok=True)
         write_json(request.out / "metrics.json", out)
+        if quality is not None:
+            write_json(request.out / "counterfactual_quality.json", quality)
         lines = ["| finding | AUROC | AP |", "|---|---:|---:|"]
         for f in findings:
             lines.append(f"| {f} | {metrics[f + '_AUROC']:.4f} | {metrics[f + '_AP']:.4f} |")
         lines.append(f"| mean | {metrics['mean_AUROC']:.4f} | {metrics['mean_AP']:.4f} |")
+        if quality is not None:
+            lines += ["", _quality_text(out["counterfactual_quality"])]
         (request.out / "metrics.md").write_text("\n".join(lines) + "\n")
-        write_json(request.out / "provenance.json", record(request, entry, {"rows": len(rows)}, []))
+        write_json(request.out / "provenance.json", record(request, entry, {"rows": len(rows), "cf_images": n_cf}, []))
+        if quality is not None:
+            request.log(_quality_text(out["counterfactual_quality"]))
         return out
+
+    def _cf_quality(self, request, model, codec, entry, ss, rows, n: int) -> dict:
+        """Counterfactuals of at most ``n`` test images (the first rows labelled on the targets' starting
+        side: positive for a removal, negative for an addition), each with its inversion self-check, flip
+        and off-target change (quality.py); per case and summarised."""
+        c = entry.config
+        findings, kind = c["classifier"]["findings"], c["classifier"]["kind"]
+        o = request.options
+        schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
+        spec = o.get("cf_target") or [f"no-{findings[0]}"]
+        targets, t, scales, steps, sampler = cf_settings(spec, findings, request.config["explain"], schedule)
+        limit = float(o.get("inversion_limit") or cq.INVERSION_LIMIT)
+        lab = np.asarray(ss.labels)
+        cols = [ss.label_names.index(tg.finding) for tg in targets]
+        eligible = [int(r) for r in rows if all(lab[r, k] == (0.0 if tg.add else 1.0) for k, tg in zip(cols, targets))]
+        chosen = eligible[:n]
+        boxes = ss.bbox or {}
+        masks, has_mask = ss.masks, (ss.has_mask if ss.masks is not None else None)
+        request.log(f"counterfactual quality: {','.join(tg.name for tg in targets)} on {len(chosen)} of the "
+                    f"{len(eligible)} test images labelled for it (t={t}, steps {steps}, {sampler}; two reverse "
+                    f"chains per image)")
+        cases = []
+        for r in chosen:
+            x = images_tensor(ss, np.array([r])).to(request.device)
+            x_cf, _, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
+                                                    sampler, int(request.seed))
+            before = classify(model, z0.cpu(), kind)[0]
+            after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
+            u_in = _unit(x[0].cpu())
+            diff = np.abs(_unit(x_cf[0]) - u_in).mean(axis=0)
+            region = cq.box_region([boxes[tg.finding][r] for tg in targets if tg.finding in boxes], diff.shape)
+            source = "box" if region is not None else None
+            if region is None and masks is not None and bool(has_mask[r]):
+                region, source = np.asarray(masks[r]) > 0, "mask"
+            q = cq.case_quality(findings, targets, before, after, cq.inversion_check(u_in, _unit(x_inv[0]), limit),
+                                diff, region, source)
+            cases.append({"case": str(ss.case_ids[r]), "probabilities": {
+                f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}, **q})
+            request.log(f"  {ss.case_ids[r]}: {cq.case_line(q)}")
+        settings = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps,
+                    "sampler": sampler, "seed": int(request.seed), "eligible_images": len(eligible),
+                    "selection": "the first test rows labelled positive for each removed finding and negative for "
+                                 "each added one"}
+        return {"settings": settings, "summary": cq.summarise(cases), "cases": cases}
+
+
+def _quality_text(q: dict) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"Counterfactual quality ({', '.join(q['targets'])}, {q['cases']} test images): inversion self-check "
+            f"error mean {f(q['inversion_error_mean'], '.4f')}, median {f(q['inversion_error_median'], '.4f')}, "
+            f"flagged {q['flagged']} of {q['inversion_checked']} (limit {f(q['inversion_limit'], 'g')}); flip rate "
+            f"{f(q['flip_rate'], '.2f')} over {q['flip_counted']}; off-target probability change "
+            f"{f(q['off_target_probability_change_mean'], '.3f')}; off-target image change "
+            f"{f(q['off_target_image_change_mean'], '.4f')} ({q['off_target_image_cases']} with a box or mask).")
 
 
 def _titles_text(findings, before, after) -> list[str]:
@@ -431,6 +498,41 @@ def _gray_u8(u: np.ndarray) -> np.ndarray:
     return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
 
 
+def cf_settings(target_spec, findings: list[str], ecfg: dict, schedule, t=None, scale=None, steps=None,
+                sampler=None):
+    """(targets, t, scales, steps, sampler) of a counterfactual: the given values, else the ``explain``
+    config's (t: t_remove when any target is a removal, else t_add; scale per target by its direction);
+    t / steps / sampler are checked before any work."""
+    targets = cf.parse_targets(target_spec, findings)
+    removing = any(not tg.add for tg in targets)
+    t = int(t) if t is not None else int(ecfg["t_remove"] if removing else ecfg["t_add"])
+    scales = [float(scale) if scale is not None else float(ecfg["scale_add"] if tg.add else ecfg["scale_remove"])
+              for tg in targets]
+    steps = steps if steps is not None else ecfg["steps"]
+    sampler = sampler or ecfg["sampler"]
+    cf.chain(schedule, t, steps)  # check t / steps before any work
+    if sampler not in ("ddpm", "ddim"):
+        raise UsageError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    return targets, t, scales, steps, sampler
+
+
+def run_counterfactual(model, codec, schedule, x: torch.Tensor, kind: str, targets, scales, t: int, steps,
+                       sampler: str, seed: int, self_check: bool = True):
+    """(x_cf, x_ae, x_inv, z0) for images x [B, C, S, S] in [-1, 1] on the model's device: x_cf the decoded
+    guided counterfactual, x_ae = D(E(x)) and x_inv the inversion self-check, i.e. the same forward noising
+    and the same reverse chain with guidance scale 0, drawn from a fresh generator with the same seed (so
+    the same noise throughout), decoded (None without ``self_check``); images on the CPU."""
+    z0 = codec.encode(x)
+    z_cf = cf.counterfactual(model, schedule, z0, kind, targets, scales, t, steps, sampler,
+                             torch.Generator().manual_seed(int(seed)))
+    x_inv = None
+    if self_check:
+        z_inv = cf.counterfactual(model, schedule, z0, kind, targets, [0.0] * len(targets), t, steps, sampler,
+                                  torch.Generator().manual_seed(int(seed)))
+        x_inv = codec.decode(z_inv).cpu()
+    return codec.decode(z_cf).cpu(), codec.decode(z0).cpu(), x_inv, z0
+
+
 class JointSampler:
     def explain(self, request) -> dict:
         model, codec, entry = load_joint(request.registry, request.model, request.device)
@@ -438,24 +540,21 @@ class JointSampler:
         ccfg, ecfg = c["classifier"], request.config["explain"]
         findings = ccfg["findings"]
         o = request.options
-        targets = cf.parse_targets(o["target"], findings)
-        removing = any(not tg.add for tg in targets)
-        t = int(o["t"]) if o["t"] is not None else int(ecfg["t_remove"] if removing else ecfg["t_add"])
-        scales = [float(o["scale"]) if o["scale"] is not None else float(ecfg["scale_add"] if tg.add else ecfg["scale_remove"])
-                  for tg in targets]
-        steps = o["steps"] if o["steps"] is not None else ecfg["steps"]
-        sampler = o["sampler"] or ecfg["sampler"]
         schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
-        cf.chain(schedule, t, steps)  # check t / steps before any work
-        if sampler not in ("ddpm", "ddim"):
-            raise UsageError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+        targets, t, scales, steps, sampler = cf_settings(o["target"], findings, ecfg, schedule, o["t"], o["scale"],
+                                                         o["steps"], o["sampler"])
         pp = _pp_of(c["preprocess"])
         channels = int(c["ae"]["network"]["in_channels"])
         paths = expand_inputs(request.inputs)
         out = Path(request.out)
+        self_check = bool(o.get("self_check", True))
+        limit = float(o.get("inversion_limit") or cq.INVERSION_LIMIT)
         params = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps, "sampler": sampler,
                   "noising": "forward q_sample to t", "guidance": "eps - sqrt(1-abar_t) * grad sum_j s_j log p_j",
-                  "diff": "|counterfactual - input| (intensity in [0, 1], channel mean)"}
+                  "diff": "|counterfactual - input| (intensity in [0, 1], channel mean)",
+                  "self_check": ("the same noising and reverse chain with guidance scale 0 (same seed), decoded; "
+                                 f"error = mean |input - reconstruction| in [0, 1], flagged above {limit:g}")
+                  if self_check else "off"}
         results = []
         used: set[str] = set()
         log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
@@ -464,21 +563,29 @@ class JointSampler:
             with log.case(str(path), Path(path).name):
                 x, geom = read_input(path, pp, channels, log=request.log)
                 results.append(self._explain_one(request, entry, model, codec, schedule, path, x, geom, out / name,
-                                                 targets, scales, t, steps, sampler, params))
+                                                 targets, scales, t, steps, sampler, params,
+                                                 limit if self_check else None))
+        if self_check and results:
+            n_flag = sum(bool(r["quality"]["inversion"]["flagged"]) for r in results)
+            request.log(f"self-check: {n_flag} of {len(results)} case(s) flagged (unguided reconstruction error "
+                        f"above {limit:g})")
         return log.finish({"printed": True} if request.console is not None else {"model": entry.ref, "outputs": results})
 
     def _explain_one(self, request, entry, model, codec, schedule, path, x, geom, final: Path, targets, scales,
-                     t, steps, sampler, params) -> dict:
+                     t, steps, sampler, params, limit) -> dict:
         findings, kind = entry.config["classifier"]["findings"], entry.config["classifier"]["kind"]
-        g = torch.Generator().manual_seed(int(request.seed))
         x = x.to(request.device)
-        z0 = codec.encode(x)
-        z_cf = cf.counterfactual(model, schedule, z0, kind, targets, scales, t, steps, sampler, g)
-        x_cf, x_rec = codec.decode(z_cf).cpu(), codec.decode(z0).cpu()
+        x_cf, x_rec, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
+                                                    sampler, int(request.seed), self_check=limit is not None)
         before = classify(model, z0.cpu(), kind)[0]
         after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
         u_in, u_cf, u_rec = _unit(x[0].cpu()), _unit(x_cf[0]), _unit(x_rec[0])
         diff = np.abs(u_cf - u_in).mean(axis=0)
+        inversion = None
+        if x_inv is not None:
+            inversion = cq.inversion_check(u_in, _unit(x_inv[0]), limit)
+            inversion["autoencoder_error"] = float(np.abs(u_rec - u_in).mean())
+        quality = cq.case_quality(findings, targets, before, after, inversion)
         with OutputDir(final.parent, final.name) as folder:
             viz.save_png(_gray_u8(geom.to_original(u_cf[None])), folder / "counterfactual.png")
             orig_diff = geom.to_original(diff[None])
@@ -487,13 +594,19 @@ class JointSampler:
             titles = ["input", "AE recon", "counterfactual", f"|diff| max {diff.max():.2f}", "overlay"]
             lines = [f"target {','.join(tg.name for tg in targets)}  t={t}  scale={','.join(f'{s:g}' for s in scales)}",
                      "probability before -> after:", *_titles_text(findings, before, after)]
+            if inversion is not None:
+                lines.append(f"self-check |x - unguided rec| {inversion['error']:.3f} (limit {inversion['limit']:g})"
+                             + (": MAP NOT TRUSTWORTHY" if inversion["flagged"] else ": ok"))
             viz.save_png(_with_text(viz.panel(tiles, titles, scale=3), lines), folder / "panel.png")
             probs = {f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}
             write_json(folder / "provenance.json", record(request, entry, params, [path], probabilities=probs,
-                                                         diff_max=float(diff.max()), diff_mean=float(diff.mean())))
+                                                         diff_max=float(diff.max()), diff_mean=float(diff.mean()),
+                                                         quality=quality))
         request.log(f"{path}: " + ", ".join(f"{f} {b:.2f}->{a:.2f}" for f, b, a in zip(findings, before, after))
-                    + f"  -> {final}")
-        return {"input": str(path), "folder": str(final), "probabilities": probs}
+                    + f"; {cq.case_line(quality)}  -> {final}")
+        if inversion is not None and inversion["flagged"]:
+            request.log(cq.warning_text(path, inversion))
+        return {"input": str(path), "folder": str(final), "probabilities": probs, "quality": quality}
 
     def sample(self, request) -> dict:
         model, codec, entry = load_joint(request.registry, request.model, request.device)
@@ -550,6 +663,10 @@ def _unique(stem: str, used: set[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ registration
 
+CF_IMAGES = 8  # test images whose counterfactuals evaluate checks by default
+INVERSION_OPTION = Option("inversion_limit", float, cq.INVERSION_LIMIT,
+                          "self-check limit: mean |input - unguided reconstruction| (intensity 0-1) above which "
+                          "a case is flagged", bounds="(0, inf)")
 TARGET_HELP = "<finding> adds it, no-<finding> removes it; comma-separated for several (e.g. no-cardiomegaly,no-effusion)"
 
 
@@ -572,8 +689,7 @@ def methods() -> list[Method]:
             capabilities={"train", "explain", "sample", "predict", "evaluate"},
             trainer=JointTrainer(), sampler=JointSampler(), scorer=JointScorer(), input_channels=(1, 3),
             conditioning=("classifier",), targets=("<finding>", "no-<finding>"), defaults=defaults,
-            deterministic=dict.fromkeys(("predict", "evaluate"), "mediffusion classifies the clean latent "
-                                                                 "(deterministic)"),
+            deterministic={"predict": "mediffusion classifies the clean latent (deterministic)"},
             options={
                 "train": [
                     Option("label_fraction", float, 1.0, "share of the labelled images whose labels are used (0-1]",
@@ -589,6 +705,17 @@ def methods() -> list[Method]:
                            bounds="[0, inf)"),
                     Option("steps", str, None, "reverse steps from t to 0: a number or 'all' (default all)"),
                     Option("sampler", str, None, "ddpm (ancestral, default) or ddim", choices=("ddpm", "ddim")),
+                    Option("self_check", bool, True, "inversion self-check: the same chain unguided, its error "
+                                                     "reported and the case flagged above --inversion-limit "
+                                                     "(--self-check=false skips it, about a third of the time)"),
+                    INVERSION_OPTION,
+                ],
+                "evaluate": [
+                    Option("cf_images", int, CF_IMAGES, "test images with a counterfactual quality check (0: "
+                                                        "none); each runs a guided and an unguided reverse chain "
+                                                        "(explain.* settings)", bounds="[0, inf)"),
+                    Option("cf_target", list, [], "target(s) of the quality check (default no-<first finding>)"),
+                    INVERSION_OPTION,
                 ],
                 "sample": [
                     Option("target", list, [], TARGET_HELP + "; none: unguided"),
