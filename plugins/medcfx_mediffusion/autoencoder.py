@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcfx.errors import UsageError
+from medcfx.ssim import ssim  # mean SSIM, 11x11 Gaussian window, sigma 1.5, 'valid' positions (also imported from here)
 
 
 @dataclass(frozen=True)
@@ -154,34 +155,6 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over each sample's latent elements, averaged over the batch."""
     per = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
     return per.flatten(1).sum(1).mean()
-
-
-def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM (Wang et al. 2004) per sample [B] with an 11x11 Gaussian window (sigma 1.5), 'valid'
-    positions only, K1 = 0.01, K2 = 0.03, per channel then averaged:
-        SSIM = (2 mu_a mu_b + C1)(2 cov_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2)),
-    C1 = (K1 L)^2, C2 = (K2 L)^2, L = ``data_range`` (2 for images in [-1, 1])."""
-    c = a.shape[1]
-    size = min(size, a.shape[-1], a.shape[-2])
-    w = _gauss_window(size, sigma).to(a.device, a.dtype)[None, None].repeat(c, 1, 1, 1)
-
-    def filt(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ma, mb = filt(a), filt(b)
-    va = filt(a * a) - ma * ma
-    vb = filt(b * b) - mb * mb
-    cov = filt(a * b) - ma * mb
-    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
-    return s.flatten(1).mean(1)
 
 
 class PatchDiscriminator(nn.Module):
