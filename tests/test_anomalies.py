@@ -281,6 +281,20 @@ def test_distance_inside_is_the_exact_euclidean_distance_transform():
         np.testing.assert_allclose(distance_inside(m), ndimage.distance_transform_edt(m), atol=1e-12)
 
 
+def test_distance_inside_counts_pixels_beyond_the_array_as_outside():
+    """Brute force over every False pixel of the mask framed by a ring of False pixels (the mask touches the border)."""
+    rng = np.random.default_rng(5)
+    m = rng.random((9, 7)) > 0.25
+    m[0, :] = True
+    framed = np.pad(m, 1)
+    outside = np.argwhere(~framed)
+    want = np.zeros(m.shape)
+    for y, x in np.argwhere(m):
+        want[y, x] = np.sqrt(((outside - (y + 1, x + 1)) ** 2).sum(1).min())
+    np.testing.assert_allclose(distance_inside(m), want, atol=1e-12)
+    assert np.array_equal(distance_inside(np.ones((3, 5), bool))[:, 2], [1.0, 2.0, 1.0])  # the frame is outside
+
+
 def test_bilinear_matches_scipy_map_coordinates():
     rng = np.random.default_rng(0)
     img = rng.normal(size=(2, 17, 23))
