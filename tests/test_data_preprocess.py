@@ -49,6 +49,30 @@ def test_enlarging_is_linear_interpolation():
     np.testing.assert_allclose(m.sum(axis=1), 1, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_in,n_out", [(10, 23), (64, 155), (16, 64)])
+def test_enlarging_matrix_equals_scipy_zoom(n_in, n_out):
+    """The matrix is kept for speed (see resize_matrix); scipy's linear zoom on the pixel-area grid is the reference."""
+    from scipy import ndimage
+
+    img = np.random.default_rng(3).normal(size=(n_in, n_in))
+    m = resize_matrix(n_in, n_out).astype(np.float64)
+    ref = ndimage.zoom(img, n_out / n_in, order=1, grid_mode=True, mode="nearest")
+    np.testing.assert_allclose(m @ img @ m.T, ref, atol=1e-6)
+
+
+def test_max3x3_equals_scipy_maximum_filter():
+    """The numpy 3x3 maximum is kept for speed (see _max3x3); scipy's maximum_filter is the reference."""
+    from scipy import ndimage
+
+    from medcfx.data.geometry import _max3x3
+
+    rng = np.random.default_rng(4)
+    x = np.where(rng.random((3, 9, 11)) < 0.3, rng.random((3, 9, 11)), 0).astype(np.float32)
+    ref = ndimage.maximum_filter(x, size=(1, 3, 3), mode="constant", cval=-np.inf)
+    np.testing.assert_array_equal(_max3x3(x), ref)
+    np.testing.assert_array_equal(_max3x3(x[0]), ref[0])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # small lesions
 

@@ -175,6 +175,13 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     [i r, (i + 1) r) with r = n_in / n_out; its weight on input pixel j is |[j, j + 1) ∩ [i r, (i + 1) r)| / r.
     Enlarging: linear interpolation at source coordinate s = (i + 0.5) / (n_out / n_in) - 0.5, clamped at the
     borders (PyTorch's ``align_corners=False`` convention).
+
+    Why a matrix and not scipy.ndimage (measured, numpy 2.4 / scipy 1.17, one BLAS thread): ndimage has no
+    area-averaging resize (``zoom(order=1)`` from 240 to 64 px samples instead of averaging: results differ by
+    up to 2.7 on unit-variance noise, which keeps 2.7x the area average's standard deviation, i.e. aliasing).
+    Enlarging, ``zoom(order=1, grid_mode=True, mode="nearest")`` gives the same numbers (max difference
+    4.8e-7, float32 round-off; tested) but is slower than the two GEMMs of :meth:`SliceGeometry.to_original`:
+    155 slices 64 -> 240 px 1010 ms vs 19 ms, 128 -> 240 px 1006 vs 47 ms, one 64 -> 512 px image 28 vs 0.2 ms.
     """
     if n_in < 1 or n_out < 1:
         raise ValueError("sizes must be >= 1")
@@ -201,7 +208,12 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _max3x3(x: np.ndarray) -> np.ndarray:
-    """3x3 maximum filter over the last two axes (borders padded with -inf)."""
+    """3x3 maximum filter over the last two axes (borders padded with -inf).
+
+    = ``scipy.ndimage.maximum_filter(x, size=(1, ..., 3, 3), mode="constant", cval=-inf)`` (tested), kept in
+    numpy because it is 4-9x faster (measured, float32: 155 x 64^2 1.2 vs 10.9 ms, 155 x 128^2 12 vs 53 ms;
+    it runs twice per lesion mask, where scipy would make :meth:`SliceGeometry.mask_to_model` 25-60% slower).
+    """
     p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], constant_values=-np.inf)
     h, w = x.shape[-2:]
     out = p[..., 0:h, 0:w].copy()
