@@ -302,10 +302,21 @@ def _input_command(name: str, summary: str, inputs_help: str, out_base: Optional
         backend: str = typer.Option("torch", "--backend", help="Denoiser backend: torch or onnx (after `medcfx export`)."),
         bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the torch backend (faster on CPUs with AVX-512 BF16 and on GPUs)."),
         print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
+        num_parts: Optional[int] = typer.Option(None, "--num-parts", help="explain: split the cases into N parts "
+                                                "(default: torchrun's WORLD_SIZE, else 1)."),
+        part_id: Optional[int] = typer.Option(None, "--part-id", help="explain: the part this process explains "
+                                              "(0..N-1; default: torchrun's RANK)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="explain: redo cases already complete for this "
+                                                                  "model and these settings (default: skip them)."),
     ) -> None:
-        m, request = _inference_request(name, ctx, method, model, config_file, sets, device, seed, out,
-                                         inputs=inputs, extra={"backend": _backend(backend), "bf16": bf16},
-                                         out_base=out_base, print_config=print_config)
+        from medcfx.batch import check_batch_options, rank_device
+
+        extra = {"backend": _backend(backend), "bf16": bf16, "num_parts": num_parts, "part_id": part_id,
+                 "overwrite": overwrite}
+        m, request = _inference_request(name, ctx, method, model, config_file, sets, rank_device(device), seed,
+                                         out, inputs=inputs, extra=extra, out_base=out_base,
+                                         print_config=print_config)
+        check_batch_options(m.name, name == "explain" and m.batch, extra)
         _run(m, name, request)
 
     command.__doc__ = summary

@@ -192,7 +192,7 @@ def load_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
 
 
 def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
-               failures: CaseLog | None = None) -> Iterator[InputCase]:
+               failures: CaseLog | None = None, select: Callable[[str], bool] | None = None) -> Iterator[InputCase]:
     """The cases of ``path`` preprocessed for a model with ``channels`` input channels, read one at a time
     (a test set of hundreds of volumes is never in memory at once).
 
@@ -201,7 +201,8 @@ def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
     note of each case (what the readers changed or assumed), so the user sees it. Without ``failures`` the
     first case that cannot be read raises MedcfxError (naming the file); with a :class:`CaseLog` each such
     case (or the whole ``path``, when it cannot be read as a dataset) is recorded there and the readable
-    cases are yielded.
+    cases are yielded. ``select(case_id)``: called once per case, in order, before it is read; a case for
+    which it returns False is not read (shards, resume).
     """
     path = Path(path)
     if failures is None:
@@ -212,6 +213,8 @@ def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
             readers = _case_readers(path, cfg, channels)
     for case_id, read in readers:
         case = None
+        if select is not None and not select(case_id):
+            continue
         if failures is None:
             case = read()
         else:

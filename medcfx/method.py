@@ -168,6 +168,8 @@ class Method:
     # commands whose result does not depend on --seed, with the reason (the CLI refuses --seed for them),
     # e.g. {"explain": "the sanchez counterfactual is deterministic (DDIM encode/decode)"}
     deterministic: dict[str, str] = field(default_factory=dict)
+    # explain runs through medcfx.batch.run_explain (shards, resume, summary.csv)
+    batch: bool = False
     plugin: str = ""  # filled in by the plugin manager
 
     def __post_init__(self) -> None:

@@ -45,6 +45,7 @@ def record(request, entry, params: dict, inputs=(), **extra) -> dict:
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "inputs": _inputs(inputs),
+        **({"resume_key": request.extra["resume_key"]} if (request.extra or {}).get("resume_key") else {}),
         **extra,
     }
 

@@ -34,7 +34,7 @@ from medcfx.operating_points import DEFAULT_FPR, Calibration, calibrate, lesion_
 
 MapBatch = Callable[[torch.Tensor, int], torch.Tensor]
 
-__all__ = ["Decision", "MapBatch", "calibrate_cases", "calibration_of", "decide", "native_map", "operating_point", "score_cases",
+__all__ = ["Decision", "MapBatch", "calibrate_cases", "calibration_of", "decide", "image_score", "native_map", "operating_point", "score_cases",
            "slice_maps"]
 
 
@@ -161,16 +161,21 @@ def decide(case: InputCase, heatmap: np.ndarray, name: str, threshold: float, mi
     """Threshold one case's heatmap on the input's grid (``heatmap`` from :func:`native_map`): components
     with full connectivity (26 neighbours in 3D, 8 in 2D) of at least ``min_size_voxels`` inside the
     foreground (:func:`medcfx.operating_points.lesion_mask`), sizes from the voxel spacing (mm)."""
-    fg = case.scored_region
-    lm = lesion_mask(heatmap, threshold, min_size_voxels=min_size_voxels, valid=fg)
+    lm = lesion_mask(heatmap, threshold, min_size_voxels=min_size_voxels, valid=case.scored_region)
     spacing = None
     if case.is_volume and len(case.grid.zooms) >= 3:
         spacing = case.grid.zooms[:3]
     size, unit = lesion_size(lm.mask, spacing)
     per_voxel = size / max(int(lm.mask.sum()), 1)
-    peak = float(heatmap[fg].max()) if fg is not None and fg.any() else float(heatmap.max())
     return Decision(lm.mask, float(threshold), name, lm.n_components, [float(s) * per_voxel for s in lm.sizes],
-                    float(size), unit, peak, "lesion" if lm.n_components else "no lesion")
+                    float(size), unit, image_score(case, heatmap), "lesion" if lm.n_components else "no lesion")
+
+
+def image_score(case: InputCase, heatmap: np.ndarray) -> float:
+    """A case's image-level score: the largest value of its map (on the input's grid) inside the scored
+    region (the foreground of the explained slices)."""
+    region = case.scored_region
+    return float(heatmap[region].max()) if region is not None and region.any() else float(heatmap.max())
 
 
 def operating_point(request, entry, params: dict, method: str) -> tuple[tuple[str, float] | None, dict]:

@@ -20,8 +20,9 @@ import torch
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.errors import UsageError
 from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases
-from medcfx.inputs import CaseLog, OutputDir, iter_cases, write_map, write_native
-from medcfx.scoring import decide, native_map, operating_point
+from medcfx.batch import run_explain
+from medcfx.inputs import OutputDir, write_map, write_native
+from medcfx.scoring import decide, image_score, native_map, operating_point
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
@@ -127,16 +128,13 @@ class Sampler:
     def explain(self, request) -> dict:
         mapper, pre = _mapper(request, self.method)
         bs = _batch_size(request)
-        point, said = operating_point(request, _single_entry(request), mapper.params.__dict__, self.method)
-        summary = []
-        log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
-        for path in request.inputs:
-            for case in iter_cases(path, pre, mapper.channels, log=request.log, failures=log):
-                with log.case(f"{path} ({case.id})", case.id):
-                    summary.append(self._explain_case(request, mapper, case.select(request.options.get("slice")), bs,
-                                                      point))
-        return log.finish({"method": self.method, "models": [m.ref for m in mapper.members],
-                           "out": str(request.out), **said, "cases": summary})
+        entry = _single_entry(request)
+        point, said = operating_point(request, entry, mapper.params.__dict__, self.method)
+        return run_explain(request, pre, mapper.channels, entry or mapper.members[0].entry,
+                           lambda case: self._explain_case(request, mapper, case.select(request.options.get("slice")),
+                                                           bs, point),
+                           {"method": self.method, "models": [m.ref for m in mapper.members], "out": str(request.out),
+                            **said})
 
     def _explain_case(self, request, mapper: Mapper, case, bs: int, point) -> dict:
         from medcfx import viz
@@ -182,7 +180,8 @@ class Sampler:
             entry = mapper.members[0].entry
             write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
                                                           slices=[int(k) for k in case.slice_index], notes=case.notes,
-                                                          decision=decision.to_dict() if decision else None))
+                                                          decision=decision.to_dict() if decision else None,
+                                                          image_score=image_score(case, amap_native)))
         means = amap.reshape(len(amap), -1).mean(1)
         out = {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
                "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
@@ -248,7 +247,7 @@ def methods() -> list[Method]:
             name=name, summary=summary, capabilities={"train", "explain", "evaluate", "calibrate"},
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("image",) if name == METHOD else (), targets=("healthy",), defaults=defaults,
-            backends=("torch", "bf16", "onnx"),
+            backends=("torch", "bf16", "onnx"), batch=True,
             options={"train": train_opts, "explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA,
                      "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:],
                      "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},

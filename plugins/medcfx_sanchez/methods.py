@@ -23,8 +23,9 @@ from medcfx.diffusion import Schedule, log_prob_gradient
 from medcfx.errors import UsageError
 from medcfx.export import denoiser_for
 from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases, evaluate_maps, select_rows
-from medcfx.inputs import CaseLog, OutputDir, iter_cases, write_map, write_native
-from medcfx.scoring import decide, native_map, operating_point, score_cases
+from medcfx.batch import run_explain
+from medcfx.inputs import OutputDir, write_map, write_native
+from medcfx.scoring import decide, image_score, native_map, operating_point, score_cases
 from medcfx.loading import load_state, load_unet
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
@@ -235,16 +236,11 @@ class Sampler:
         channels = mapper.channels if self.method != "threshold" else None
         bs = request.options.get("batch_size") or int(request.config["explain"]["batch_size"])
         point, said = operating_point(request, entry, mapper.params.__dict__ if mapper.params else {}, self.method)
-        summary = []
-        log = CaseLog()  # a case that cannot be read or explained is reported at the end; the others go on
-        for path in request.inputs:
-            for case in iter_cases(path, cfg, channels if channels is not None else len(cfg.modalities),
-                                   log=request.log, failures=log):
-                with log.case(f"{path} ({case.id})", case.id):
-                    case = case.select(request.options.get("slice"))
-                    summary.append(self._explain_case(request, entry, mapper, case, bs, point))
-        return log.finish({"method": self.method, "model": entry.ref if entry else None, "out": str(request.out),
-                           **said, "cases": summary})
+        return run_explain(request, cfg, channels if channels is not None else len(cfg.modalities), entry,
+                           lambda case: self._explain_case(request, entry, mapper,
+                                                           case.select(request.options.get("slice")), bs, point),
+                           {"method": self.method, "model": entry.ref if entry else None, "out": str(request.out),
+                            **said})
 
     def _explain_case(self, request, entry, mapper, case, bs: int, point) -> dict:
         from medcfx import viz
@@ -289,7 +285,8 @@ class Sampler:
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
-            extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check}
+            extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check,
+                     "image_score": image_score(case, heat)}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index],
                                                           notes=case.notes, **extra))
@@ -392,7 +389,7 @@ def methods() -> list[Method]:
             trainer=Trainer(name), sampler=Sampler(name), scorer=Scorer(name),
             conditioning=("label", "classifier-free") if name == "sanchez" else
             (("classifier",) if name == "cdpm-classifier" else ()),
-            targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"),
+            targets=("healthy",), defaults=_defaults(name), backends=("torch", "bf16", "onnx"), batch=True,
             options={"explain": sampling + EXPLAIN_EXTRA + DECISION_EXTRA + [SELF_CHECK],
                      "evaluate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:] + [SELF_CHECK],
                      "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
@@ -401,7 +398,7 @@ def methods() -> list[Method]:
         ))
     out.append(Method(
         name="threshold", summary="baseline: intensity thresholding of one channel (Meissen et al. 2021)",
-        capabilities={"explain", "evaluate"}, sampler=Sampler("threshold"), scorer=Scorer("threshold"),
+        capabilities={"explain", "evaluate"}, sampler=Sampler("threshold"), scorer=Scorer("threshold"), batch=True,
         defaults={k: v for k, v in DEFAULTS.items() if k in ("preprocess", "explain")},
         options={"explain": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EXPLAIN_EXTRA,
                  "evaluate": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},

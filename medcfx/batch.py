@@ -1,0 +1,187 @@
+"""``explain`` over a dataset: shards, resume, progress and a summary table (issue 17).
+
+- Shards (nnU-Net's convention): ``--num-parts N --part-id I`` explains the cases whose position in the
+  input order is I modulo N; under ``torchrun`` (``WORLD_SIZE`` / ``RANK`` set, no ``--num-parts``) each
+  rank takes its part, on ``cuda:LOCAL_RANK`` when the device is CUDA. Cases are assigned before any is
+  read, so N processes write exactly the case folders of one run.
+- Resume: a case whose folder holds a ``provenance.json`` with the same ``resume_key`` (a sha256 of the
+  method, the model's sha256, its calibration, every option, the config's explain section, backend, bf16
+  and seed) is skipped without being read; ``--overwrite`` redoes it.
+- Progress: a bar (cases, ETA) on stderr when stderr is a terminal.
+- ``summary.csv`` and ``summary.json`` in ``--out``: one row per case folder there (built from the
+  provenance files, so they include cases written by earlier runs and other parts; rebuilt by every run),
+  plus one row per case that failed in this run, with its error. A failed case never stops the others; the
+  command exits non-zero at the end (:class:`medcfx.inputs.CaseLog`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from medcfx import staging
+from medcfx.errors import UsageError
+from medcfx.inputs import CaseLog, InputCase, iter_cases
+
+__all__ = ["SUMMARY_COLUMNS", "check_batch_options", "parts_of", "rank_device", "resume_key", "run_explain",
+           "write_summary"]
+
+SUMMARY_COLUMNS = ("case", "status", "model", "decision", "image_score", "lesion_size", "unit", "n_components",
+                   "self_check_error", "warning", "error")
+
+
+def parts_of(extra: dict) -> tuple[int, int]:
+    """(num_parts, part_id) from ``--num-parts`` / ``--part-id``, else from torchrun's WORLD_SIZE / RANK, else
+    (1, 0). UsageError for a part outside 0..N-1."""
+    n, i = extra.get("num_parts"), extra.get("part_id")
+    if n is None and i is None and os.environ.get("WORLD_SIZE", "").isdigit():
+        n, i = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0") or 0)
+    n, i = int(n or 1), int(i or 0)
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--part-id must be in 0..{n - 1} for --num-parts {n}, got {i}")
+    return n, i
+
+
+def resume_key(request, entry) -> str:
+    """What makes two explain outputs of a case the same: method, model sha256 and calibration, options,
+    the explain config, backend, bf16, seed."""
+    what = {"method": request.method.name, "model": entry.digest if entry is not None else None,
+            "model_ref": request.model,
+            "calibration": (entry.extra or {}).get("calibration") if entry is not None else None,
+            "options": request.options, "explain": request.config.get("explain"),
+            "backend": request.extra.get("backend"), "bf16": bool(request.extra.get("bf16")), "seed": request.seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _complete(folder: Path, key: str) -> bool:
+    try:
+        return json.loads((folder / "provenance.json").read_text()).get("resume_key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def run_explain(request, cfg, channels: int, entry, explain_case: Callable[[InputCase], dict], summary: dict) -> dict:
+    """Explain every selected case of ``request.inputs`` with ``explain_case(case) -> dict`` (which writes
+    the case folder, recording ``request.extra["resume_key"]`` in its provenance); returns ``summary`` with
+    "cases" (this run's results), "skipped" (complete from an earlier run) and the part, or raises
+    CaseErrors after writing the summary table when any case failed."""
+    n_parts, part = parts_of(request.extra)
+    overwrite = bool(request.extra.get("overwrite"))
+    key = resume_key(request, entry)
+    request.extra["resume_key"] = key
+    out = Path(request.out)
+    position = itertools.count()
+    skipped: list[str] = []
+
+    def select(case_id: str) -> bool:
+        if next(position) % n_parts != part:
+            return False
+        if not overwrite and _complete(out / case_id, key):
+            skipped.append(case_id)
+            return False
+        return True
+
+    log, results = CaseLog(), []
+    with _progress(request) as advance:
+        for path in request.inputs:
+            for case in iter_cases(path, cfg, channels, log=request.log, failures=log, select=select):
+                with log.case(f"{path} ({case.id})", case.id):
+                    results.append(explain_case(case))
+                advance(case.id)
+    failed = [str(f) for f in log.failures]
+    if out.is_dir():
+        write_summary(out, failed)
+    summary = {**summary, "cases": results, "skipped": skipped}
+    if n_parts > 1:
+        summary["part"] = f"{part} of {n_parts}"
+    return log.finish(summary)
+
+
+class _progress:
+    """A rich progress bar over cases on stderr (only when stderr is a terminal); ``advance(case_id)``."""
+
+    def __init__(self, request):
+        self.bar = None
+        if sys.stderr.isatty() and request.console is not None:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(*Progress.get_default_columns(), "{task.fields[case]}",
+                                console=Console(stderr=True), transient=True)
+
+    def __enter__(self):
+        if self.bar is None:
+            return lambda case_id: None
+        self.bar.__enter__()
+        task = self.bar.add_task("cases", total=None, case="")
+        return lambda case_id: self.bar.update(task, advance=1, case=case_id)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def _row(folder: Path) -> dict | None:
+    try:
+        prov = json.loads((folder / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return None
+    d = prov.get("decision") or {}
+    size_key = next((k for k in d if k.startswith("lesion_size_")), None)
+    check = prov.get("self_check") or {}
+    warning = ""
+    if check.get("flagged"):
+        warning = f"inversion self-check above {check.get('limit')}"
+    return {"case": prov.get("case", folder.name), "status": "ok", "model": prov.get("model") or "",
+            "decision": d.get("decision", ""), "image_score": d.get("image_score", prov.get("image_score", "")),
+            "lesion_size": d.get(size_key, "") if size_key else "", "unit": size_key[12:] if size_key else "",
+            "n_components": d.get("n_components", ""),
+            "self_check_error": max(check["mean_abs_error"]) if check.get("mean_abs_error") else "",
+            "warning": warning, "error": ""}
+
+
+def write_summary(out: Path, failures: list[str] = ()) -> Path:
+    """``summary.csv`` + ``summary.json`` in ``out``: a row per case folder (from its provenance), sorted by
+    case, then a row per failure of this run. Written atomically; returns the CSV path."""
+    rows = [r for f in sorted(out.iterdir()) if f.is_dir() and not f.name.startswith(".")
+            for r in [_row(f)] if r is not None]
+    rows.sort(key=lambda r: str(r["case"]))
+    rows += [{**dict.fromkeys(SUMMARY_COLUMNS, ""), "case": msg.split(":")[0], "status": "failed", "error": msg}
+             for msg in failures]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    staging.atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
+    staging.atomic_write_bytes(out / "summary.json", json.dumps({"cases": rows}, indent=1).encode())
+    return out / "summary.csv"
+
+
+def check_batch_options(method: str, supported: bool, extra: dict) -> None:
+    """Refuse --num-parts / --part-id / --overwrite where the command does not run through
+    :func:`run_explain` (they would do nothing), and a part outside 0..N-1."""
+    given = [flag for flag, key in (("--num-parts", "num_parts"), ("--part-id", "part_id"), ("--overwrite", "overwrite"))
+             if extra.get(key) is not None and extra.get(key) is not False]
+    if given and not supported:
+        raise UsageError(f"{', '.join(given)}: '{method}' has no shards or resume here (explain of sanchez, its "
+                         f"baselines and restoration has)")
+    parts_of(extra)
+
+
+def rank_device(device: str) -> str:
+    """Under torchrun (LOCAL_RANK set), ``--device cuda`` / ``auto`` become ``cuda:LOCAL_RANK`` when CUDA is
+    available, so each rank explains its part on its own GPU; anything else is returned as given."""
+    local = os.environ.get("LOCAL_RANK", "")
+    if not local.isdigit() or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    return f"cuda:{local}" if torch.cuda.is_available() else device
