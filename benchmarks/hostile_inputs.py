@@ -38,7 +38,7 @@ FAST = ["--steps", "4", "--slice", "6"]  # explain settings that keep a passing 
 
 
 # stderr lines that are notes, not errors: which model a command picked, where it writes
-NOTES = ("using ", "--out not given: ", "note: ")
+NOTES = ("using ", "--out not given: ", "note: ", "progress: ")
 
 
 @dataclass

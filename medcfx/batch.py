@@ -7,7 +7,7 @@
 - Resume: a case whose folder holds a ``provenance.json`` with the same ``resume_key`` (a sha256 of the
   method, the model's sha256, its calibration, every option, the config's explain section, backend, bf16
   and seed) is skipped without being read; ``--overwrite`` redoes it.
-- Progress: a bar (cases, ETA) on stderr when stderr is a terminal.
+- Progress on stderr: a bar (cases, ETA) on a terminal, else a plain ``progress:`` line at most every 30 s.
 - ``summary.csv`` and ``summary.json`` in ``--out``: one row per case folder there (built from the
   provenance files, so they include cases written by earlier runs and other parts; rebuilt by every run),
   plus one row per case that failed in this run, with its error. A failed case never stops the others; the
@@ -19,20 +19,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 from medcfx import staging
 from medcfx.errors import UsageError
-from medcfx.inputs import CaseLog, InputCase, iter_cases
+from medcfx.inputs import CaseLog, InputCase, case_ids, iter_cases
 
 __all__ = ["SUMMARY_COLUMNS", "check_batch_options", "parts_of", "rank_device", "resume_key", "run_explain",
            "write_summary"]
 
+PLAIN_EVERY_S = 30.0
 SUMMARY_COLUMNS = ("case", "status", "model", "decision", "image_score", "lesion_size", "unit", "n_components",
                    "self_check_error", "warning", "error")
 
@@ -77,24 +78,20 @@ def run_explain(request, cfg, channels: int, entry, explain_case: Callable[[Inpu
     key = resume_key(request, entry)
     request.extra["resume_key"] = key
     out = Path(request.out)
-    position = itertools.count()
-    skipped: list[str] = []
-
-    def select(case_id: str) -> bool:
-        if next(position) % n_parts != part:
-            return False
-        if not overwrite and _complete(out / case_id, key):
-            skipped.append(case_id)
-            return False
-        return True
+    # which cases this process explains, decided before any is read (the same for every part)
+    ids = [cid for path in request.inputs for cid in case_ids(path, cfg, channels)]
+    mine = [cid for i, cid in enumerate(ids) if i % n_parts == part]
+    skipped = [cid for cid in mine if not overwrite and _complete(out / cid, key)]
+    todo = set(mine) - set(skipped)
 
     log, results = CaseLog(), []
-    with _progress(request) as advance:
+    with _progress(request, len(todo)) as advance:
         for path in request.inputs:
-            for case in iter_cases(path, cfg, channels, log=request.log, failures=log, select=select):
+            for case in iter_cases(path, cfg, channels, log=request.log, failures=log,
+                                   select=lambda cid: cid in todo):
                 with log.case(f"{path} ({case.id})", case.id):
                     results.append(explain_case(case))
-                advance(case.id)
+                advance(case.id, len(case.slice_index))
     failed = [str(f) for f in log.failures]
     if out.is_dir():
         write_summary(out, failed)
@@ -105,11 +102,16 @@ def run_explain(request, cfg, channels: int, entry, explain_case: Callable[[Inpu
 
 
 class _progress:
-    """A rich progress bar over cases on stderr (only when stderr is a terminal); ``advance(case_id)``."""
+    """Progress over the cases to explain, on stderr: a rich bar (cases, ETA) on a terminal; otherwise (a
+    log file, a cluster job) a plain ``progress:`` line after the first of several cases, whenever
+    PLAIN_EVERY_S seconds passed since the last line, and at the end (cases and slices done, elapsed, ETA).
+    ``advance(case_id, slices)``."""
 
-    def __init__(self, request):
-        self.bar = None
-        if sys.stderr.isatty() and request.console is not None:
+    def __init__(self, request, total: int):
+        self.total, self.done, self.slices, self.bar, self.said, self.case = total, 0, 0, None, 0, ""
+        self.quiet = request.console is None
+        self.t0 = self.last = time.monotonic()
+        if sys.stderr.isatty() and not self.quiet:
             from rich.console import Console
             from rich.progress import Progress
 
@@ -117,15 +119,30 @@ class _progress:
                                 console=Console(stderr=True), transient=True)
 
     def __enter__(self):
-        if self.bar is None:
-            return lambda case_id: None
-        self.bar.__enter__()
-        task = self.bar.add_task("cases", total=None, case="")
-        return lambda case_id: self.bar.update(task, advance=1, case=case_id)
+        if self.bar is not None:
+            self.bar.__enter__()
+            task = self.bar.add_task("cases", total=self.total, case="")
+            return lambda case_id, slices: self.bar.update(task, advance=1, case=case_id)
+        return self._line
+
+    def _line(self, case_id: str, slices: int) -> None:
+        self.done, self.slices, self.case = self.done + 1, self.slices + slices, case_id
+        now = time.monotonic()
+        if not self.quiet and (now - self.last >= PLAIN_EVERY_S or self.done == 1 < self.total):
+            self._say(now, case_id)
+
+    def _say(self, now: float, case_id: str) -> None:
+        self.last, self.said = now, self.done
+        elapsed = now - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"progress: {self.done}/{self.total} cases ({self.slices} slices), last {case_id}, elapsed "
+              f"{elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
+        elif not self.quiet and self.total > 1 and self.done and self.said != self.done:
+            self._say(time.monotonic(), self.case)  # where the run ended
         return False
 
 

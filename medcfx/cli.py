@@ -388,59 +388,6 @@ def sample(
     _run(m, "sample", request)
 
 
-@app.command("export")
-def export_cmd(
-    ref: str = typer.Argument(..., help="Registry reference of the model whose denoiser is converted."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
-    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
-) -> None:
-    """Export a model's denoiser network to ONNX and attach the .onnx file to the model in the registry (for
-    `--backend onnx`); refused unless it matches torch (per call < 1e-4, heatmaps < 1e-3). A bundled model is
-    first copied into your store as its next version. (To pack a model into a .tar archive for another
-    machine: `medcfx models export REF OUT.tar`.)"""
-    from medcfx.export import export_model
-
-    if fmt != "onnx":
-        raise UsageError(f"--format must be onnx, got {fmt!r}")
-
-    def line(text: str) -> None:  # one line each, whatever the terminal width
-        console.print(text, soft_wrap=True, highlight=False, markup=False)
-
-    entry = export_model(_registry(), ref, opset=opset, dynamic_batch=dynamic_batch, log=line)
-    info = entry.extra["export"]
-    line(f"exported the denoiser of {entry.ref} to ONNX (sha256 {entry.artifacts['onnx']['sha256'][:12]}, "
-         f"{entry.artifacts['onnx']['bytes']} bytes); parity per call {info['parity']['per_call_max_abs']:.1e}")
-
-
-@app.command("bench")
-def bench_cmd(
-    ref: str = typer.Argument(..., help="Registry reference of the model to time."),
-    backend: str = typer.Option("reference,torch,bf16", "--backend",
-                                help="Comma-separated paths: reference, torch, bf16, onnx."),
-    batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
-    repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
-    solver: str = typer.Option("ddim", "--solver", help="ddim or dpm++2m for every path but 'reference'."),
-) -> None:
-    """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
-    from medcfx.bench import bench
-
-    from medcfx.method import check_bounds
-
-    try:
-        batches = [int(b) for b in batch.split(",") if b.strip()]
-    except ValueError:
-        raise UsageError(f"--batch expects comma-separated integers, got {batch!r}") from None
-    for b in batches:
-        check_bounds("--batch", b, "[1, inf)")
-    check_bounds("--repeats", repeats, "[1, inf)")
-    if steps is not None:
-        check_bounds("--steps", steps, "[1, inf)")
-    bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console,
-          solver=solver)
-
-
 def _mount_subapps() -> None:
     from medcfx.cli_models import models_app
     from medcfx.data.cli import data_app
@@ -455,9 +402,11 @@ _mount_subapps()
 def build_app() -> typer.Typer:
     """The root app with every plugin's commands added (``register_commands`` hook)."""
     from medcfx.cli_calibrate import add_calibrate_command
+    from medcfx.cli_speed import add_speed_commands
 
     if "calibrate" not in {c.name for c in app.registered_commands}:
         add_calibrate_command(app)
+        add_speed_commands(app)
     get_plugins().add_commands(app)
     return app
 
@@ -472,6 +421,28 @@ def _asks_version(argv: list[str]) -> bool:
     return False
 
 
+def _take_threads(argv: list[str]) -> list[str]:
+    """``--threads N`` (any command, anywhere on the line) sets the CPU threads torch uses for this process
+    (intra-op; OMP_NUM_THREADS / MKL_NUM_THREADS before torch is imported, torch.set_num_threads after).
+    Returns ``argv`` without it; UsageError for a value that is not an integer >= 1."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--threads" or arg.startswith("--threads="):
+            raw = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not raw.isdigit() or int(raw) < 1:
+                raise UsageError(f"--threads must be an integer >= 1, got {raw!r}")
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = raw
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(int(raw))
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """The ``medcfx`` console script: run the CLI on ``argv`` (default ``sys.argv[1:]``) and exit with its
     status; errors are printed as one line (see the module docstring)."""
@@ -481,6 +452,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(0)
     debug = "--debug" in argv or os.environ.get("MEDCFX_DEBUG") == "1"
     try:
+        argv = _take_threads(argv)
         rv = build_app()(args=argv, prog_name="medcfx", standalone_mode=False)
         if isinstance(rv, int) and rv:  # typer.Exit(code) returns its code when not in standalone mode
             sys.exit(rv)

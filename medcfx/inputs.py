@@ -228,6 +228,15 @@ def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
         yield case
 
 
+def case_ids(path: Path, cfg: PreprocessConfig, channels: int) -> list[str]:
+    """The ids of the cases of ``path`` in the order :func:`iter_cases` yields them, without reading any
+    case; [] when ``path`` itself cannot be read (iter_cases then reports why)."""
+    try:
+        return [case_id for case_id, _ in _case_readers(Path(path), cfg, channels)]
+    except MedcfxError:
+        return []
+
+
 def _case_readers(path: Path, cfg: PreprocessConfig, channels: int) -> list[tuple[str, Callable[[], InputCase]]]:
     """(case id, reader) for every case of ``path``; MedcfxError when ``path`` itself cannot be read."""
     if not path.exists():

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 import medcfx
 from medcfx import staging
 from medcfx.errors import MedcfxError, UsageError
-from medcfx.train_announce import PROBE_STEPS, announce, say
+from medcfx.train_announce import PROBE_STEPS, PlainProgress, announce, say
 
 CHECKPOINTS_KEPT = 2
 
@@ -415,7 +416,8 @@ def fit(
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
     bar = None
-    if progress and d.main:
+    plain = PlainProgress(cfg.steps, step) if progress and d.main and not sys.stdout.isatty() else None
+    if progress and d.main and plain is None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(
@@ -458,6 +460,8 @@ def fit(
                 dist.all_reduce(t)
                 value = float(t) / d.world
             losses.append((step, value))
+            if plain is not None:
+                plain.tick(step, value)
             if not announced:
                 now = time.perf_counter()
                 if probe_step < 0:

@@ -72,3 +72,26 @@ def announce(model, cfg, run: Path | None, step: int, rate: float, timed: int, d
         finish = time.strftime("%H:%M", time.localtime(time.time() + left / rate))
         parts.append(f"-> about {_duration(left / rate)} for the {left} steps left (ends around {finish})")
     return " ".join(parts)
+
+
+PLAIN_EVERY_S = 30.0
+
+
+class PlainProgress:
+    """Training progress for a log file or a cluster job (stdout not a terminal, where a rich bar shows only
+    its last state): one ``progress:`` line on stderr at the first step and then whenever ``every_s``
+    seconds passed: step/total, loss, steps/s over the interval, ETA."""
+
+    def __init__(self, total: int, start: int, every_s: float = PLAIN_EVERY_S):
+        self.total, self.every_s = total, every_s
+        self.t_last, self.step_last, self.t0, self.start = time.monotonic(), start, time.monotonic(), start
+
+    def tick(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if step != self.start + 1 and now - self.t_last < self.every_s and step != self.total:
+            return
+        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        eta = _duration((self.total - step) / rate) if rate > 0 else "unknown"
+        print(f"progress: step {step}/{self.total}, loss {loss:.4f}, {rate:.2f} steps/s, ETA {eta}",
+              file=sys.stderr, flush=True)

@@ -78,7 +78,9 @@ def test_a_failing_case_is_a_row_and_the_others_are_written(brains):
     (data / "demo_00001" / "demo_00001_flair.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(100))
     out = root / "bad-out"
     p = run_cli(["explain", data, "--method", "threshold", "--out", out], env=env)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "demo_00001" in p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("medcfx: error")]
+    assert p.returncode == 1 and len(errors) == 1 and "demo_00001" in errors[0]
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("progress: ")][-1].startswith("progress: 2/3 cases")
     rows = {r["case"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert rows["demo_00000"]["status"] == rows["demo_00002"]["status"] == "ok"
     failed = [r for r in rows.values() if r["status"] == "failed"]

@@ -28,14 +28,29 @@ from .counterfactual import HEALTHY
 from .networks import NoisyClassifier, network_config
 
 
-def split_cases(case_ids: np.ndarray, fraction: float, seed: int) -> tuple[set, set]:
-    """Hold out ``fraction`` of the cases (at least one when there are two or more) for validation."""
+def split_cases(case_ids: np.ndarray, fraction: float, seed: int, lesion_cases=None) -> tuple[set, set]:
+    """Hold out ``fraction`` of the cases (at least one when there are two or more) for validation.
+
+    ``lesion_cases``: the cases with a lesion. When given, the split is stratified by lesion presence: each
+    group (with lesion / without) gives round(fraction * its size) cases, at least one from a group of two or
+    more, so validation metrics always have lesion and healthy cases when the data has both."""
     cases = sorted(set(case_ids.tolist()))
     if len(cases) < 2 or fraction <= 0:
         return set(cases), set()
-    n_val = max(1, int(round(fraction * len(cases))))
-    perm = np.random.default_rng(seed).permutation(len(cases))
-    val = {cases[i] for i in perm[:n_val]}
+    rng = np.random.default_rng(seed)
+    if lesion_cases is None:
+        groups = [cases]
+    else:
+        sick = set(lesion_cases)
+        groups = [g for g in ([c for c in cases if c in sick], [c for c in cases if c not in sick]) if g]
+    val: set = set()
+    for group in groups:
+        n_val = max(1, int(round(fraction * len(group)))) if len(group) >= 2 or len(groups) == 1 else 0
+        n_val = min(n_val, len(group) - 1) if len(groups) > 1 else n_val
+        perm = rng.permutation(len(group))
+        val |= {group[i] for i in perm[:n_val]}
+    if not val:  # every group had one case: hold out one anyway
+        val = {cases[int(rng.integers(len(cases)))]}
     return set(cases) - val, val
 
 
@@ -52,7 +67,8 @@ def load_training_slices(request):
     known = ~np.isnan(labels)
     if not known.any():
         raise MedcfxError(f"{request.data}: no slice labels (BraTS needs a _seg per case; image folders normal/ and abnormal/)")
-    train_cases, val_cases = split_cases(ss.case_ids, cfg["val_cases"], request.seed)
+    lesion_cases = set(ss.case_ids[known & (labels == 1)].tolist())
+    train_cases, val_cases = split_cases(ss.case_ids, cfg["val_cases"], request.seed, lesion_cases=lesion_cases)
     in_train = np.isin(ss.case_ids, list(train_cases)) & known
     in_val = np.isin(ss.case_ids, list(val_cases)) & known
     return ss, np.flatnonzero(in_train), np.flatnonzero(in_val)

@@ -1,0 +1,66 @@
+"""``medcfx export`` (the denoiser to ONNX, parity-gated) and ``medcfx bench`` (sampling speed here)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from medcfx.errors import UsageError
+
+
+def add_speed_commands(app: typer.Typer) -> None:
+    """Add ``export`` and ``bench`` to the root app."""
+    from medcfx.cli import _registry, console
+
+    @app.command("export")
+    def export_cmd(
+        ref: str = typer.Argument(..., help="Registry reference of the model whose denoiser is converted."),
+        fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+        dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
+    ) -> None:
+        """Export a model's denoiser network to ONNX and attach the .onnx file to the model in the registry (for
+        `--backend onnx`); refused unless it matches torch (per call < 1e-4, heatmaps < 1e-3). A bundled model is
+        first copied into your store as its next version. (To pack a model into a .tar archive for another
+        machine: `medcfx models export REF OUT.tar`.)"""
+        from medcfx.export import export_model
+
+        if fmt != "onnx":
+            raise UsageError(f"--format must be onnx, got {fmt!r}")
+
+        def line(text: str) -> None:  # one line each, whatever the terminal width
+            console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+        entry = export_model(_registry(), ref, opset=opset, dynamic_batch=dynamic_batch, log=line)
+        info = entry.extra["export"]
+        line(f"exported the denoiser of {entry.ref} to ONNX (sha256 {entry.artifacts['onnx']['sha256'][:12]}, "
+             f"{entry.artifacts['onnx']['bytes']} bytes); parity per call {info['parity']['per_call_max_abs']:.1e}")
+
+
+    @app.command("bench")
+    def bench_cmd(
+        ref: str = typer.Argument(..., help="Registry reference of the model to time."),
+        backend: str = typer.Option("reference,torch,bf16", "--backend",
+                                    help="Comma-separated paths: reference, torch, bf16, onnx."),
+        batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
+        repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
+        solver: str = typer.Option("ddim", "--solver", help="ddim or dpm++2m for every path but 'reference'."),
+    ) -> None:
+        """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
+        from medcfx.bench import bench
+
+        from medcfx.method import check_bounds
+
+        try:
+            batches = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            raise UsageError(f"--batch expects comma-separated integers, got {batch!r}") from None
+        for b in batches:
+            check_bounds("--batch", b, "[1, inf)")
+        check_bounds("--repeats", repeats, "[1, inf)")
+        if steps is not None:
+            check_bounds("--steps", steps, "[1, inf)")
+        bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console,
+              solver=solver)
