@@ -8,7 +8,7 @@ Prints:
 
 * FLAIR-threshold Dice: for ``--cases`` tumour-bearing brain subjects, the best Dice of ``FLAIR >= t``
   against the whole tumour (seg > 0) over brain voxels, brute force over every threshold
-  (:func:`medcfx.data.demo_brain.best_threshold_dice`): per case, their mean, and one threshold for all
+  (:func:`medcfx.demo.brain.best_threshold_dice`): per case, their mean, and one threshold for all
   cases pooled after dividing each FLAIR by its median brain intensity.
 * Generation time per case: ``brain_case`` alone, and ``make_demo`` per case (generation plus writing the
   files) for each kind.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medcfx.data.demo import case_rng, make_demo
-from medcfx.data import demo_brain, demo_chest, demo_vertebra
+from medcfx.demo import brain as demo_brain, chest as demo_chest, make_demo, vertebra as demo_vertebra
+from medcfx.demo.common import case_rng
 
 
 def flair_study(cases: int, shape, seed: int, anatomy: str) -> None:

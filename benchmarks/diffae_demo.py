@@ -72,10 +72,10 @@ def main() -> None:
     if not train.exists():
         run(["data", "demo", "vertebra", "--out", train, "--cases", 600, "--seed", 0], env, log)
     if not test.exists():
-        from medcfx.data.demo import make_demo
+        from medcfx.demo import make_demo
 
         print("$ python -c \"make_demo('vertebra', 'vert-test', cases=300, seed=1, graded_fraction=1.0)\"")
-        log.append("python -c \"from medcfx.data.demo import make_demo; "
+        log.append("python -c \"from medcfx.demo import make_demo; "
                    "make_demo('vertebra', 'vert-test', cases=300, seed=1, graded_fraction=1.0)\"")
         make_demo("vertebra", test, cases=300, seed=1, graded_fraction=1.0)
     ae = args.model

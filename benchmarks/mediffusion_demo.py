@@ -110,7 +110,7 @@ def cnn_probs(net: SmallCNN, x: torch.Tensor) -> np.ndarray:
 
 
 def make_data(work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     train, test = work / "chest-train", work / "chest-test"
     for path, n, seed in ((train, n_train, 0), (test, n_test, 1)):

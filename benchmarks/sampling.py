@@ -147,7 +147,7 @@ def demo_dice(args) -> list[dict]:
 
 def explain_rss(args) -> list[dict]:
     """Peak RSS of `medcfx explain` at batch 8 on a case of 8 and of 32 slices (flat in the slice count)."""
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     out = []
     with tempfile.TemporaryDirectory() as d:

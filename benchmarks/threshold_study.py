@@ -4,7 +4,7 @@
     python benchmarks/threshold_study.py --data /work/demo-data/brain-test
 
 Best pooled Dice of ``FLAIR >= t`` against the whole tumour (brute force over every threshold,
-``medcfx.data.demo_brain.best_threshold_dice``), with the preprocessing steps of the benchmark added one at a
+``medcfx.demo.brain.best_threshold_dice``), with the preprocessing steps of the benchmark added one at a
 time: (a) brain voxels, each scan divided by its median brain intensity (the measure of docs/data.md);
 (b) every voxel, each scan divided by its 99th brain percentile and clipped to [0, 1] (the paper's
 normalisation, ``medcfx.data.preprocess``; the clip alone changes nothing at full resolution); (c) as (b),
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medcfx.data.demo_brain import best_threshold_dice
+from medcfx.demo.brain import best_threshold_dice
 
 
 def main() -> None:

@@ -322,7 +322,7 @@ def test_example_grid_writes_one_png_row_pair_per_image(tmp_path):
 
 
 def test_synth_anomalies_cli_writes_the_grid(tmp_path, home):
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     data = make_demo("brain", tmp_path / "brains", cases=2, seed=0, shape=[40, 40, 26])
     out = tmp_path / "grid.png"

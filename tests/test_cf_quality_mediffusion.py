@@ -96,7 +96,7 @@ def test_explain_reports_self_check_flip_and_off_target_change_and_flags_above_t
 
 def test_evaluate_aggregates_are_the_means_of_the_per_image_values(home, tmp_path):
     _bundled()
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     data = make_demo("chest", tmp_path / "chest", cases=8, seed=1, size=64)
     out = tmp_path / "ev"

@@ -145,7 +145,7 @@ def test_real_cli_one_line_errors_and_prepare(tmp_path, home):
 
 
 def test_cli_demo_calls_make_demo(tmp_path, monkeypatch):
-    import medcfx.data.demo as demo
+    import medcfx.demo as demo
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""Offline demo datasets (medcfx.data.demo*): layouts on disk, determinism, what the data models, atomicity.
+"""Offline demo datasets (medcfx.demo): layouts on disk, determinism, what the data models, atomicity.
 
 Files are read back with nibabel / Pillow / csv directly (not with medcfx's readers), and the modelled
 properties are measured from the written arrays, not taken from the generator's own bookkeeping.
@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcfx.data import demo, demo_brain, demo_chest, demo_vertebra
-from medcfx.data.demo import DEMO_KINDS, case_rng, make_demo
+from medcfx import demo
+from medcfx.demo import DEMO_KINDS, make_demo
+from medcfx.demo import brain as demo_brain
+from medcfx.demo import chest as demo_chest
+from medcfx.demo import vertebra as demo_vertebra
+from medcfx.demo.common import case_rng
 from medcfx.errors import UsageError
 
 TINY = (48, 48, 31)  # 5 mm voxels: fast, still every structure
@@ -257,7 +261,7 @@ def test_nilearn_maps_found_without_importing_nilearn():
     import sys
 
     code = (
-        "import sys; from medcfx.data.demo_brain import nilearn_template_dir as f; d = f(); "
+        "import sys; from medcfx.demo.brain import nilearn_template_dir as f; d = f(); "
         "print(d is not None, 'nilearn' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -53,7 +53,7 @@ def register_tiny(home: Path, tmp: Path) -> str:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """24 small labelled vertebra images, every row graded, all four grades present."""
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     out = tmp_path_factory.mktemp("diffae-data") / "lab"
     make_demo("vertebra", out, cases=24, seed=3, size=32, grade_probs=(0.4, 0.1, 0.3, 0.2), graded_fraction=1.0)

@@ -70,7 +70,7 @@ def test_gate_refuses_a_disagreeing_export_and_attaches_nothing(home):
 
 
 def test_cli_export_show_and_onnx_backend_matches_torch(home, tmp_path):
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     reg, entry, _ = _register(home)
     env = cli_env(home)

@@ -19,7 +19,7 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from test_data_helpers import write_brats, write_png
 
 from medcfx.data.check import check
-from medcfx.data.demo import make_demo
+from medcfx.demo import make_demo
 from medcfx.data.geometry import grid_mismatch
 from medcfx.data.preprocess import PreprocessConfig, prepare
 from medcfx.errors import MedcfxError

@@ -22,7 +22,7 @@ TINY = ["--preset", "demo", "--set", "preprocess.size=16", "--set", "network.mod
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     root = tmp_path_factory.mktemp("restoration")
     home = root / "home"
@@ -150,7 +150,7 @@ def test_onnx_and_bf16_backends_follow_the_torch_maps(setup):
 
 def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tmp_path, home):
     """The bundled restoration-demo (models/, registry.yaml) on the bundled tumour case and a tumour-free brain."""
-    from medcfx.data.demo import make_demo
+    from medcfx.demo import make_demo
 
     env = cli_env(home)
     sick = ROOT / "models" / "demo-inputs" / "brain" / "demo_case"

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from conftest import cli_env, run_cli
-from medcfx.data.demo import make_demo
+from medcfx.demo import make_demo
 from medcfx.diffusion import Schedule
 from medcfx_sanchez.counterfactual import CFParams, counterfactual, heatmap
 from medcfx_sanchez.train import drop_labels, split_cases

@@ -12,7 +12,8 @@ labels.csv, nnU-Net, Decathlon, npz), :mod:`~medcfx.data.dicom` (DICOM files and
 :mod:`~medcfx.data.intensity` (foreground, scaling rules), :mod:`~medcfx.data.preprocess` (the steps per case,
 ``prepare``), :mod:`~medcfx.data.sliceset` (the cached SliceSet),
 :mod:`~medcfx.data.cache` (content-keyed atomic cache), :mod:`~medcfx.data.check` (report every problem),
-:mod:`~medcfx.data.cli` (``medcfx data``), :mod:`~medcfx.data.demo` (synthetic demo datasets).
+:mod:`~medcfx.data.cli` (``medcfx data``; its ``demo`` command writes :mod:`medcfx.demo`'s
+synthetic datasets).
 """
 
 from medcfx.data.cache import cache_root

@@ -158,13 +158,13 @@ def demo_cmd(
 ) -> None:
     """Write a small synthetic dataset in a real layout (offline demo data)."""
     try:
-        from medcfx.data.demo import DEMO_KINDS, make_demo
+        from medcfx.demo import DEMO_KINDS, make_demo
     except ImportError as exc:
         raise MedcfxError(f"demo data is not available in this installation: {exc}") from None
     if kind not in DEMO_KINDS:
         raise UsageError(f"unknown demo kind {kind!r}; choose one of: {', '.join(DEMO_KINDS)}")
     from medcfx.config import parse_set
-    from medcfx.data.demo import demo_options
+    from medcfx.demo import demo_options
 
     opts = parse_set(opt)
     known = demo_options(kind)
@@ -185,7 +185,7 @@ def demo_cmd(
                   f"{time.perf_counter() - t0:.1f} s", highlight=False, markup=False)
 
 
-# the makers' default case counts (medcfx.data.demo.make_demo), for the progress lines only
+# the makers' default case counts (medcfx.demo.make_demo), for the progress lines only
 DEMO_DEFAULT_CASES = {"brain": 20, "vertebra": 400, "chest": 400}
 
 

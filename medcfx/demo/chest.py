@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medcfx.data.demo import (
+from medcfx.demo.common import (
     case_rng,
     check_cases,
     check_fraction,

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medcfx.data.demo import case_rng, check_cases, check_fraction, exact_subset, set_rng, staging_dir
+from medcfx.demo.common import case_rng, check_cases, check_fraction, exact_subset, set_rng, staging_dir
 from medcfx.errors import UsageError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")

@@ -42,13 +42,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medcfx.data.demo import (
+from medcfx.demo.common import (
     case_rng,
     check_cases,
     check_fraction,
     check_probs,
     exact_subset,
+    gauss_blur2d,
     set_rng,
+    smooth_noise2d,
     staging_dir,
     write_csv,
 )
@@ -173,8 +175,6 @@ def vertebra_image(
     curv = rng.uniform(-0.25, 0.25)  # mm of AP offset per level^2 (lordosis/kyphosis)
 
     # ---- soft tissue background with fat planes
-    from medcfx.data.demo import smooth_noise2d
-
     hu = 40 + 10 * smooth_noise2d(rng, (n, n), 6 * ss)
     fat = np.clip((smooth_noise2d(rng, (n, n), 4 * ss) - 1.0) / 0.5, 0, 1)
     hu = hu * (1 - fat) + (-80) * fat
@@ -267,8 +267,6 @@ def vertebra_image(
             centre_mask = inside
 
     # ---- to the pixel grid: box-average the supersamples, slight blur, CT noise
-    from medcfx.data.demo import gauss_blur2d
-
     img = hu.reshape(size, ss, size, ss).mean(axis=(1, 3))
     img = gauss_blur2d(img, 0.35)
     img = img + rng.normal(0, rng.uniform(8, 18), img.shape)
