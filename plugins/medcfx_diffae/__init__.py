@@ -20,6 +20,7 @@ from medcfx_diffae.configs import (
     DEMO_ENCODER,
     DEMO_NETWORK,
     GRADER_METHOD,
+    INVERSION_LIMIT,
     METHOD,
     PAPER_ENCODER,
     PAPER_NETWORK,
@@ -78,6 +79,9 @@ def _methods():
         Option("decode_steps", int, 0, "DDIM decoding steps (0: the model's default, paper 100)",
                bounds="[0, inf)"),
     ]
+    limit = Option("inversion_limit", float, INVERSION_LIMIT,
+                   "self-check limit: mean |input - reconstruction| (intensity 0-1) above which a case is flagged",
+                   bounds="(0, inf)")
     ae = Method(
         name=METHOD,
         summary="diffusion autoencoder (semantic z_sem + stochastic x_T); reconstruction, latent counterfactuals",
@@ -89,16 +93,17 @@ def _methods():
                         Option("grader", str, "", "grader for a binary counterfactual (default: none, or the "
                                                    "--model itself when it is a grader)"),
                         Option("classifier", str, "", "hyperplane: svm or logreg (default: the grader's)",
-                               choices=("", "svm", "logreg")), *steps],
+                               choices=("", "svm", "logreg")), *steps, limit],
             "evaluate": [Option("grader", str, "", "grader to evaluate (default: --model if it is a grader, else "
                                                    "the latest grader of that autoencoder)"),
                          Option("train_data", str, "", "labelled data for the CNN baseline (default: the "
                                                        "grader's training data)"),
                          Option("baseline", bool, True, "train and evaluate the supervised CNN baseline"),
                          Option("baseline_steps", int, 600, "training steps of the CNN baseline", bounds="[1, inf)"),
-                         Option("recon_images", int, 16, "test images whose encode-decode error is measured",
+                         Option("recon_images", int, 16, "test images whose encode-decode error (the inversion "
+                                                             "self-check) and reflection flip are measured",
                                 bounds="[0, inf)"),
-                         *steps],
+                         *steps, limit],
         },
         defaults=DEFAULTS,
         deterministic={"explain": "the diffae counterfactual is deterministic (DDIM inversion and decoding)"},
@@ -114,7 +119,7 @@ def _methods():
             "grade": [Option("classifier", str, "", "hyperplane: svm or logreg (default: the grader's)",
                              choices=("", "svm", "logreg")),
                       Option("grades", list, [], "target grades of the strip (default: the calibrated range)"),
-                      *steps],
+                      *steps, limit],
         },
         defaults=GRADER_DEFAULTS,
         deterministic={"grade": "diffae grading is deterministic (DDIM inversion and decoding)"},

@@ -20,6 +20,7 @@ import numpy as np
 from medcfx.errors import MedcfxError, UsageError
 from medcfx.inputs import CaseLog, OutputDir
 
+from medcfx_diffae import quality as cq
 from medcfx_diffae.grader import GRADER_METHOD, load_grader
 from medcfx_diffae.model import DEMO_GRADER, DEMO_MODEL, METHOD, load_autoencoder, load_input
 
@@ -34,6 +35,22 @@ def _steps(request, loaded) -> tuple[int, int]:
         if not 1 <= v <= loaded.schedule.T:
             raise UsageError(f"{flag} must be in [1, {loaded.schedule.T}], got {v}")
     return enc, dec
+
+
+def _limit(request) -> float:
+    """--inversion-limit (default configs.INVERSION_LIMIT)."""
+    return float(request.options.get("inversion_limit") or cq.INVERSION_LIMIT)
+
+
+def case_quality(x: np.ndarray, a, limit: float) -> dict:
+    """The quality record of one analysed image: the inversion self-check from its reconstruction and, with
+    a grader, the flip of the binary counterfactual (quality.py)."""
+    inversion = cq.inversion_check(x, a.frames["reconstruction"], limit)
+    flip = None
+    if "counterfactual" in a.frames and a.prediction:
+        flip = cq.flip(a.prediction["probability"], a.scores["counterfactual"]["probability"],
+                       a.prediction["distance"], a.scores["counterfactual"]["distance"])
+    return cq.case_quality(inversion, flip)
 
 
 def _out_dirs(out: Path, paths) -> list[Path]:
@@ -146,6 +163,7 @@ class GraderSampler:
         cname = classifier or grader.info.get("classifier", "svm")
         enc, dec = _steps(request, loaded)
         grades = _target_grades(request.options.get("grades"), grader)
+        limit = _limit(request)
         out = Path(request.out or "medcfx-out")
         results = []
         log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
@@ -155,6 +173,8 @@ class GraderSampler:
                 a = analyse(loaded, grader, classifier, x, enc, dec, grades, binary=True, device=request.device)
                 p = a.prediction
                 rec = recon_errors(x, a.frames["reconstruction"])
+                quality = case_quality(x, a, limit)
+                flag = " FLAGGED" if quality["inversion"]["flagged"] else ""
                 names = [f"grade_{_gname(g)}" for g in grades]
                 with OutputDir(folder.parent, folder.name) as tmp:
                     _png(to_display(x), tmp / "input.png")
@@ -177,7 +197,7 @@ class GraderSampler:
                                 heat_rgb(_heat(x, a.frames["reconstruction"]), vmax),
                                 to_display(a.frames["counterfactual"]),
                                 heat_rgb(_heat(x, a.frames["counterfactual"]), vmax)]],
-                              [["input", "reconstruction", "|x-rec|", "counterfactual", "|x-cf|"]], scale=3),
+                              [["input", "reconstruction", f"|x-rec|{flag}", "counterfactual", "|x-cf|"]], scale=3),
                          tmp / "panel.png")
                     result = {
                         "input": str(path), "grader": gentry.ref, "autoencoder": loaded.entry.ref,
@@ -186,18 +206,29 @@ class GraderSampler:
                         "probability": p["probability"], "distance": p["distance"],
                         "reconstruction": rec,
                         "frames": {n: {**a.targets.get(n, {}), "score": a.scores[n]} for n in a.frames},
+                        "quality": quality,
                     }
                     write_json(tmp / "result.json", result)
                     params = {"classifier": cname, "encode_steps": enc, "decode_steps": dec, "grades": list(grades),
-                              "normalisation": grader.info.get("normalisation")}
+                              "normalisation": grader.info.get("normalisation"), "inversion_limit": limit}
                     write_json(tmp / "provenance.json", record(request, gentry, params, [path],
                                                                autoencoder=loaded.entry.ref,
-                                                               autoencoder_sha256=loaded.entry.digest))
+                                                               autoencoder_sha256=loaded.entry.digest,
+                                                               quality=quality))
                 results.append(result)
                 request.log(f"{Path(path).name}: grade {p['grade']:.2f} -> G{int(p['grade_rounded'])} | "
                             f"P(positive) {p['probability']:.3f} | distance {p['distance']:+.3f} ({cname}) | "
-                            f"-> {folder}")
+                            f"{cq.case_line(quality)} | -> {folder}")
+                if quality["inversion"]["flagged"]:
+                    request.log(cq.warning_text(path, quality["inversion"]))
+        _flag_summary(request, results, limit)
         return log.finish({"results": results} if request.console is None else {"printed": True})
+
+
+def _flag_summary(request, results: list[dict], limit: float) -> None:
+    if results:
+        n = sum(bool(r["quality"]["inversion"]["flagged"]) for r in results)
+        request.log(f"self-check: {n} of {len(results)} case(s) flagged (reconstruction error above {limit:g})")
 
 
 def _target_grades(option, grader) -> list[float]:
@@ -240,6 +271,7 @@ class AESampler:
         if grader is not None:
             grader.plane(classifier)
         enc, dec = _steps(request, loaded)
+        limit = _limit(request)
         out = Path(request.out or "medcfx-out")
         summary = []
         log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
@@ -249,6 +281,8 @@ class AESampler:
                 a = analyse(loaded, grader, classifier, x, enc, dec, (), binary=grader is not None,
                             device=request.device)
                 rec = recon_errors(x, a.frames["reconstruction"])
+                quality = case_quality(x, a, limit)
+                flag = " FLAGGED" if quality["inversion"]["flagged"] else ""
                 with OutputDir(folder.parent, folder.name) as tmp:
                     images, titles = [to_display(x)], ["input"]
                     _png(to_display(x), tmp / "input.png")
@@ -257,7 +291,7 @@ class AESampler:
                         _png(to_display(a.frames["reconstruction"]), tmp / "reconstruction.png")
                         _png(heat_rgb(_heat(x, a.frames["reconstruction"]), vmax), tmp / "diff_reconstruction.png")
                         images += [to_display(a.frames["reconstruction"]), heat_rgb(_heat(x, a.frames["reconstruction"]), vmax)]
-                        titles += ["reconstruction", f"|x-rec| mse {rec['mse']:.4f}"]
+                        titles += ["reconstruction", f"|x-rec| mse {rec['mse']:.4f}{flag}"]
                     if grader is not None:
                         _png(to_display(a.frames["counterfactual"]), tmp / "counterfactual.png")
                         _png(heat_rgb(_heat(x, a.frames["counterfactual"]), vmax), tmp / "diff_counterfactual.png")
@@ -270,11 +304,13 @@ class AESampler:
                         result["reconstruction"] = rec
                     if grader is not None:
                         result.update(prediction=a.prediction, counterfactual=a.scores["counterfactual"])
+                    result["quality"] = quality
                     write_json(tmp / "result.json", result)
                     params = {"encode_steps": enc, "decode_steps": dec, "reconstruct": reconstruct,
-                              "classifier": classifier}
+                              "classifier": classifier, "inversion_limit": limit}
                     write_json(tmp / "provenance.json", record(request, loaded.entry, params, [path],
-                                                               grader=gentry.ref if gentry else None))
+                                                               grader=gentry.ref if gentry else None,
+                                                               quality=quality))
                 summary.append(result)
                 msg = f"{Path(path).name}:"
                 if reconstruct:
@@ -282,7 +318,10 @@ class AESampler:
                 if grader is not None:
                     msg += (f" grade {a.prediction['grade']:.2f} -> counterfactual "
                             f"{a.scores['counterfactual']['grade']:.2f};")
-                request.log(f"{msg} -> {folder}")
+                request.log(f"{msg} {cq.case_line(quality)}; -> {folder}")
+                if quality["inversion"]["flagged"]:
+                    request.log(cq.warning_text(path, quality["inversion"]))
+        _flag_summary(request, summary, limit)
         return log.finish({"results": summary} if request.console is None else {"printed": True})
 
 

@@ -9,6 +9,10 @@ binary target, grading the rows with a grade.
     grading macro-F1  f1_score(grade, rounded prediction, average="macro", labels = the grade range)
     grading MAE       mean |rounded prediction - grade|
     reconstruction    mean MSE / MAE / PSNR of decode(encode(x)) over the first ``--recon-images`` images
+    counterfactual    on the same images (quality.py; per image in counterfactual_quality.json): the inversion
+    quality           self-check (mean |x - decode(encode(x))| in [0, 1], flagged above --inversion-limit),
+                      the flip of the reflection (its decoded image re-encoded and scored) and the change
+                      outside the lesion mask / box where the data carry one
 
 The CNN baseline (Atad et al. use DenseNet121 "trained from scratch with the same data pipeline"; here a
 small 4-stage CNN, sized for a CPU) has two heads trained jointly for ``--baseline-steps`` steps with Adam:
@@ -26,6 +30,7 @@ import numpy as np
 from medcfx.errors import MedcfxError, UsageError
 from medcfx.staging import atomic_write_bytes
 
+from medcfx_diffae import quality as cq
 from medcfx_diffae.grader import binary_targets, label_column, load_grader
 from medcfx_diffae.model import GRADER_METHOD, METHOD, load_autoencoder, semantic
 
@@ -139,7 +144,7 @@ def evaluate(request) -> dict:
 
     from medcfx.provenance import record, write_json
 
-    from medcfx_diffae.commands import _steps, recon_errors
+    from medcfx_diffae.commands import _limit, _steps, recon_errors
     from medcfx_diffae.model import decode_codes, stochastic_encode
     from medcfx_diffae.trainer import load_images
 
@@ -185,25 +190,33 @@ def evaluate(request) -> dict:
         logit, gpred = cnn_predict(net, images)
         rows.append({"encoder": "-", "classifier": "CNN", "model": f"trained on {train_data}",
                      **detection_metrics(target, logit), **grading_metrics(ss.grade, gpred, grader.grade_range)})
-    recon = {}
+    recon, quality = {}, None
     if n_rec:
         x = images[:n_rec].to(request.device)
         zs = torch.from_numpy(z[:n_rec].astype(np.float32)).to(request.device)
         x_T = stochastic_encode(loaded.model, loaded.schedule, x, zs, enc)
-        xr = decode_codes(loaded.model, loaded.schedule, x_T, zs, dec).cpu().numpy()
+        # the reconstruction (own code) and the binary counterfactual (reflected code), from the same x_T
+        z_cf = torch.from_numpy(grader.reflect(z[:n_rec]).astype(np.float32)).to(request.device)
+        frames = decode_codes(loaded.model, loaded.schedule, torch.cat([x_T, x_T]), torch.cat([zs, z_cf]), dec)
+        xr, xc = frames[:n_rec].cpu().numpy(), frames[n_rec:].cpu().numpy()
         errs = [recon_errors(a, b) for a, b in zip(images[:n_rec].numpy(), xr)]
         recon = {f"reconstruction_{k}": float(np.mean([e[k] for e in errs])) for k in errs[0]}
         recon["reconstruction_n"] = len(errs)
+        after = grader.predict(semantic(loaded.model, frames[n_rec:]).cpu().numpy().astype(np.float64))
+        quality = cf_quality(grader, ss, images[:n_rec].numpy(), xr, xc, z[:n_rec], after, _limit(request))
     reliance = semantic_reliance(loaded, images[: max(n_rec, 32)], z[: max(n_rec, 32)], seed=request.seed)
     cvn = code_vs_noise(loaded, z[:16], tuple(images.shape[1:]), seed=request.seed, device=request.device)
     result = {"grader": gentry.ref, "autoencoder": loaded.entry.ref, "data": str(request.data),
               "semantic_reliance": reliance, "code_vs_noise": cvn,
               "encode_steps": enc, "decode_steps": dec, "rows": rows, **recon,
+              **({"counterfactual_quality": {**quality["settings"], **quality["summary"]}} if quality else {}),
               "label_rule": {k: info.get(k) for k in ("positive_grades", "negative_grades", "ungraded_positive",
                                                       "label")}}
     out = Path(request.out or "medcfx-eval")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
+    if quality is not None:
+        write_json(out / "counterfactual_quality.json", quality)
     atomic_write_bytes(out / "metrics.md", markdown_table(result).encode())
     write_json(out / "provenance.json", record(request, gentry, {"encode_steps": enc, "decode_steps": dec,
                                                                "recon_images": n_rec, "baseline": baseline,
@@ -213,6 +226,35 @@ def evaluate(request) -> dict:
         request.console.print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
         return {"printed": True}
     return result
+
+
+def cf_quality(grader, ss, x: np.ndarray, rec: np.ndarray, cf: np.ndarray, z: np.ndarray, after: dict,
+               limit: float) -> dict:
+    """Per test image (the first len(x) rows) and aggregated: the inversion self-check of the reconstruction
+    ``rec``, the flip of the reflection ``cf`` (``after``: the grader's prediction of the re-encoded
+    counterfactuals) and the change of ``cf`` outside the lesion where the data carry a mask (else a box of
+    the grader's label column); quality.py."""
+    before = grader.predict(z)
+    label = grader.info.get("label") or (ss.label_names[0] if ss.label_names else "")
+    boxes = (ss.bbox or {}).get(label)
+    masks, has_mask = ss.masks, (ss.has_mask if ss.masks is not None else None)
+    cases = []
+    for i in range(len(x)):
+        diff = np.abs(np.asarray(cf[i], np.float64) - np.asarray(x[i], np.float64)).mean(axis=0) / 2
+        region, source = None, None
+        if masks is not None and bool(has_mask[i]):
+            region, source = np.asarray(masks[i]) > 0, "mask"
+        elif boxes is not None:
+            region = cq.box_region(boxes[i], diff.shape)
+            source = "box" if region is not None else None
+        q = cq.case_quality(cq.inversion_check(x[i], rec[i], limit),
+                            cq.flip(before["probability"][i], after["probability"][i], before["distance"][i],
+                                    after["distance"][i]),
+                            diff, region, source)
+        cases.append({"case": str(ss.case_ids[i]), **q})
+    settings = {"classifier": grader.info.get("classifier", "svm"), "counterfactual": "reflection across the "
+                "hyperplane, decoded with the image's own x_T", "images": "the first --recon-images test images"}
+    return {"settings": settings, "summary": cq.summarise(cases), "cases": cases}
 
 
 def semantic_reliance(loaded, images, z: np.ndarray, seed: int = 0, timesteps=(100, 300, 500)) -> dict:
@@ -289,6 +331,9 @@ def markdown_table(result: dict) -> str:
     if result.get("code_vs_noise"):
         lines.append("")
         lines.append(_code_vs_noise_line(result["code_vs_noise"]))
+    if result.get("counterfactual_quality"):
+        lines.append("")
+        lines.append(cq.text(result["counterfactual_quality"]))
     if "reconstruction_mse" in result:
         lines.append("")
         lines.append(f"Reconstruction (encode {result['encode_steps']} / decode {result['decode_steps']} DDIM "
@@ -319,6 +364,8 @@ def _print_table(console, result: dict) -> None:
             f"t={t}: {v[2]:.3f}" for t, v in result["semantic_reliance"].items()))
     if result.get("code_vs_noise"):
         console.print(_code_vs_noise_line(result["code_vs_noise"]))
+    if result.get("counterfactual_quality"):
+        console.print(cq.text(result["counterfactual_quality"]), markup=False, highlight=False)
     if "reconstruction_mse" in result:
         console.print(f"reconstruction: MSE {result['reconstruction_mse']:.5f}, MAE {result['reconstruction_mae']:.4f}, "
                       f"PSNR {result['reconstruction_psnr_db']:.1f} dB over {result['reconstruction_n']} images")
