@@ -437,8 +437,8 @@ class JointScorer:
         cases = []
         for r in chosen:
             x = images_tensor(ss, np.array([r])).to(request.device)
-            x_cf, _, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
-                                                    sampler, int(request.seed))
+            x_cf, x_ae, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
+                                                       sampler, int(request.seed))
             before = classify(model, z0.cpu(), kind)[0]
             after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
             u_in = _unit(x[0].cpu())
@@ -447,8 +447,9 @@ class JointScorer:
             source = "box" if region is not None else None
             if region is None and masks is not None and bool(has_mask[r]):
                 region, source = np.asarray(masks[r]) > 0, "mask"
-            q = cq.case_quality(findings, targets, before, after, cq.inversion_check(u_in, _unit(x_inv[0]), limit),
-                                diff, region, source)
+            inversion = cq.inversion_check(u_in, _unit(x_inv[0]), limit)
+            inversion["autoencoder_error"] = float(np.abs(_unit(x_ae[0]) - u_in).mean())
+            q = cq.case_quality(findings, targets, before, after, inversion, diff, region, source)
             cases.append({"case": str(ss.case_ids[r]), "probabilities": {
                 f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}, **q})
             request.log(f"  {ss.case_ids[r]}: {cq.case_line(q)}")

@@ -108,6 +108,8 @@ def summarise(cases: list[dict]) -> dict:
         "inversion_checked": len(inv),
         "inversion_error_mean": _mean(errors),
         "inversion_error_median": float(np.median(errors)) if errors else None,
+        # D(E(x)) alone, for scale: the part of the error that is the autoencoder's
+        "autoencoder_error_mean": _mean(i.get("autoencoder_error") for i in inv),
         "inversion_limit": inv[0]["limit"] if inv else None,
         # the rule the default limit follows (1.5x the median over test images), for a model of your own
         "inversion_limit_suggested": 1.5 * float(np.median(errors)) if errors else None,
