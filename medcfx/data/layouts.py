@@ -41,6 +41,12 @@ Kinds (``LAYOUT_KINDS``):
     [N, H, W] or [N, H, W, C] uint8. Labels: one 0/1 column -> label ``label``; several columns
     (multi-label) -> ``label_0`` ...; one integer column with values above 1 (multi-class) -> one-hot
     ``class_0`` ... and the class index also as ``grade``.
+``bids``
+    A BIDS dataset: ``dataset_description.json`` and ``sub-<label>/[ses-<label>/]anat/`` NIfTI files; one
+    case per subject or session (id ``sub-X`` or ``sub-X_ses-Y``), channels by BIDS suffix chosen and ordered
+    by ``modalities`` (t1 ``_T1w``, t1ce ``_ce-<agent>_T1w``, t2 ``_T2w``, flair ``_FLAIR``), lesion masks
+    from ``derivatives/<pipeline>/`` (never ``derivatives/medcfx``). A ``sub-*`` (or ``sub-*/ses-*``)
+    folder of such a dataset is that subject (session). See :mod:`medcfx.data.layouts_bids`.
 ``dicom``
     A folder holding one DICOM series (every file DICOM, the first with ImagePositionPatient and
     ImageOrientationPatient): one single-channel volume case named after the folder, read by
@@ -66,7 +72,7 @@ from medcfx.data.io import (
 )
 from medcfx.errors import MedcfxError, UsageError
 
-LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "decathlon", "npz", "dicom")
+LAYOUT_KINDS = ("brats", "folder", "csv", "nnunet", "decathlon", "bids", "npz", "dicom")
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SPLITS = ("train", "val", "test")
 
@@ -200,6 +206,8 @@ def detect_kind(path: str | Path) -> str:
             from medcfx.data.layouts_nnunet import is_decathlon
 
             return "decathlon" if is_decathlon(path.parent) else "nnunet"
+        if path.name == "dataset_description.json":
+            return "bids"
         raise MedcfxError(f"{path}: a dataset is a folder, a labels.csv or a .npz file, not a {suf or 'suffix-less'} file")
     entries = list_visible(path)
     if not entries:
@@ -209,6 +217,10 @@ def detect_kind(path: str | Path) -> str:
         from medcfx.data.layouts_nnunet import is_decathlon
 
         return "decathlon" if is_decathlon(path) else "nnunet"
+    from medcfx.data.layouts_bids import bids_root
+
+    if bids_root(path) is not None:  # before brats: BIDS anat names end in _T2w / _FLAIR too
+        return "bids"
     if "labels.csv" in names:
         return "csv"
     if ("normal" in names and (path / "normal").is_dir()) or ("abnormal" in names and (path / "abnormal").is_dir()):
@@ -229,7 +241,8 @@ def detect_kind(path: str | Path) -> str:
         return "folder"  # a plain folder of images: unlabelled (unsupervised training)
     raise MedcfxError(
         f"{path}: no known dataset layout found; expected BraTS case folders (<case>/<case>_t1.nii.gz ...), "
-        "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net or Decathlon folder (dataset.json + imagesTr/) or a .npz"
+        "normal/ + abnormal/ image folders, a labels.csv, an nnU-Net or Decathlon folder (dataset.json + imagesTr/), a BIDS dataset "
+        "(dataset_description.json + sub-*/anat/) or a .npz"
     )
 
 
@@ -239,7 +252,8 @@ def detect_layout(path: str | Path, modalities: Sequence[str] | None = None) -> 
 
 
 def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = None) -> Layout:
-    """Scan ``path`` as layout ``kind``. ``modalities`` selects and orders MRI channels (brats, nnunet, decathlon).
+    """Scan ``path`` as layout ``kind``. ``modalities`` selects and orders MRI channels (brats, nnunet, decathlon,
+    bids).
 
     Returns a :class:`Layout` (its ``problems`` list every problem found). Errors (MedcfxError): unknown
     kind (UsageError), no such path, a structure the kind cannot read at all (no dataset.json, ...).
@@ -264,6 +278,10 @@ def load_layout(path: str | Path, kind: str, modalities: Sequence[str] | None = 
         from medcfx.data.layouts_nnunet import scan_decathlon
 
         return scan_decathlon(path, mods)
+    if kind == "bids":
+        from medcfx.data.layouts_bids import scan_bids
+
+        return scan_bids(path, mods)
     if kind == "dicom":
         return scan_dicom_series(path)
     from medcfx.data.layouts_npz import scan_npz
