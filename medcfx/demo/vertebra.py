@@ -48,6 +48,7 @@ from medcfx.demo.common import (
     check_fraction,
     check_probs,
     exact_subset,
+    gauss_blur1d,
     gauss_blur2d,
     set_rng,
     smooth_noise2d,
@@ -102,21 +103,8 @@ def _aniso_noise(rng: np.random.Generator, shape, sig_rows: float, sig_cols: flo
 
 
 def _blur_axis(img: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    if sigma <= 0:
-        return img
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = np.arange(-r, r + 1)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    k /= k.sum()
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (r, r)
-    p = np.pad(img, pad, mode="reflect")
-    out = np.zeros_like(img, dtype=np.float64)
-    for i, w in enumerate(k):
-        sl = [slice(None), slice(None)]
-        sl[axis] = slice(i, i + img.shape[axis])
-        out += w * p[tuple(sl)]
-    return out.astype(np.float32)
+    """Gaussian blur along one axis (:func:`~medcfx.demo.common.gauss_blur1d`), float32; unchanged for sigma <= 0."""
+    return img if sigma <= 0 else gauss_blur1d(img, sigma, axis).astype(np.float32)
 
 
 def vertebra_image(
