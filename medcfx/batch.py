@@ -183,9 +183,10 @@ def write_summary(out: Path, failures: list[str] = ()) -> Path:
 
 
 def check_batch_options(method: str, supported: bool, extra: dict) -> None:
-    """Refuse --num-parts / --part-id / --overwrite where the command does not run through
+    """Refuse --num-parts / --part-id / --overwrite / --report where the command does not run through
     :func:`run_explain` (they would do nothing), and a part outside 0..N-1."""
-    given = [flag for flag, key in (("--num-parts", "num_parts"), ("--part-id", "part_id"), ("--overwrite", "overwrite"))
+    given = [flag for flag, key in (("--num-parts", "num_parts"), ("--part-id", "part_id"), ("--overwrite", "overwrite"),
+                                    ("--report", "report"))
              if extra.get(key) is not None and extra.get(key) is not False]
     if given and not supported:
         raise UsageError(f"{', '.join(given)}: '{method}' has no shards or resume here (explain of sanchez, its "

@@ -126,13 +126,23 @@ def default_model(m: Method, registry, model: Optional[str]) -> Optional[str]:
     return entry.ref
 
 
-def _run(m: Method, command: str, request: Request) -> None:
+def _run(m: Method, command: str, request: Request, report: bool = False) -> None:
+    """Run the method's handler and print its summary; with ``report``, also write OUT/report.html (also when
+    some cases failed: they are rows of its table)."""
     try:
         result = m.handler(command)(request)
     except CaseErrors as exc:  # some cases failed: what was written is summarised, then one line per failure
         _print_summary(exc.summary)
+        if report and request.out is not None and Path(request.out).is_dir():
+            from medcfx.report import write_report_html
+
+            write_report_html(request.out)
         raise
     _print_summary(result)
+    if report:
+        from medcfx.report import write_report_html
+
+        write_report_html(request.out)
 
 
 def _print_summary(result) -> None:
@@ -308,6 +318,7 @@ def _input_command(name: str, summary: str, inputs_help: str, out_base: Optional
                                               "(0..N-1; default: torchrun's RANK)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="explain: redo cases already complete for this "
                                                                   "model and these settings (default: skip them)."),
+        report: bool = typer.Option(False, "--report", help="explain: also write OUT/report.html (`medcfx report`)."),
     ) -> None:
         from medcfx.batch import check_batch_options, rank_device
 
@@ -316,8 +327,8 @@ def _input_command(name: str, summary: str, inputs_help: str, out_base: Optional
         m, request = _inference_request(name, ctx, method, model, config_file, sets, rank_device(device), seed,
                                          out, inputs=inputs, extra=extra, out_base=out_base,
                                          print_config=print_config)
-        check_batch_options(m.name, name == "explain" and m.batch, extra)
-        _run(m, name, request)
+        check_batch_options(m.name, name == "explain" and m.batch, {**extra, "report": report})
+        _run(m, name, request, report=report)
 
     command.__doc__ = summary
     app.command(name, context_settings=EXTRA, epilog=METHOD_OPTIONS_HELP)(command)
@@ -350,6 +361,7 @@ def evaluate(
     healthy: bool = typer.Option(False, "--healthy", help="With --val: unannotated validation cases are healthy."),
     n_resamples: int = typer.Option(1000, "--n-resamples", help="Bootstrap resamples of the cases for the 95 % "
                                                                  "intervals (0: none; seed fixed at 0)."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (`medcfx report`)."),
 ) -> None:
     """Evaluate a model on an annotated test set (metrics with 95 % CIs as a table, JSON and markdown)."""
     from medcfx.cli_calibrate import check_calibration_options
@@ -360,7 +372,7 @@ def evaluate(
                                      out_base=Path("medcfx-eval"), print_config=print_config,
                                      extra={"backend": _backend(backend), "bf16": bf16, "val": val, "fpr": fpr,
                                             "healthy": healthy, "n_resamples": n_resamples})
-    _run(m, "evaluate", request)
+    _run(m, "evaluate", request, report=report)
 
 
 _input_command("predict", "Predict per-finding probabilities for images.", "Images to classify.", None)

@@ -29,7 +29,14 @@ def check_calibration_options(fpr: float, n_resamples: int | None = None) -> Non
 
 
 def add_calibrate_command(app: typer.Typer) -> None:
-    """Add ``calibrate`` to the root app."""
+    """Add ``calibrate`` and ``report`` to the root app."""
+
+    @app.command()
+    def report(out: Path = typer.Argument(..., help="An explain or evaluate output folder.")) -> None:
+        """Write OUT/report.html: the summary table (sortable), per-case panels, metrics with CIs, settings."""
+        from medcfx.report import write_report_html
+
+        typer.echo(str(write_report_html(out)))
 
     @app.command(context_settings=EXTRA)
     def calibrate(

@@ -34,7 +34,7 @@ from medcfx.operating_points import DEFAULT_FPR, Calibration, calibrate, lesion_
 
 MapBatch = Callable[[torch.Tensor, int], torch.Tensor]
 
-__all__ = ["Decision", "MapBatch", "calibrate_cases", "calibration_of", "decide", "image_score", "native_map", "operating_point", "score_cases",
+__all__ = ["Decision", "MapBatch", "calibrate_cases", "calibration_of", "decide", "image_score", "most_anomalous", "native_map", "operating_point", "score_cases",
            "slice_maps"]
 
 
@@ -169,6 +169,13 @@ def decide(case: InputCase, heatmap: np.ndarray, name: str, threshold: float, mi
     per_voxel = size / max(int(lm.mask.sum()), 1)
     return Decision(lm.mask, float(threshold), name, lm.n_components, [float(s) * per_voxel for s in lm.sizes],
                     float(size), unit, image_score(case, heatmap), "lesion" if lm.n_components else "no lesion")
+
+
+def most_anomalous(case: InputCase, maps: np.ndarray) -> int:
+    """The slice index (the input's, as in the panel names) whose model-sized map [n, S, S] has the largest
+    mean."""
+    means = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1).mean(1)
+    return int(case.slice_index[int(np.argmax(means))])
 
 
 def image_score(case: InputCase, heatmap: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from medcfx.errors import UsageError
 from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases
 from medcfx.batch import run_explain
 from medcfx.inputs import OutputDir, write_map, write_native
-from medcfx.scoring import decide, image_score, native_map, operating_point
+from medcfx.scoring import decide, image_score, most_anomalous, native_map, operating_point
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
@@ -181,10 +181,10 @@ class Sampler:
             write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
                                                           slices=[int(k) for k in case.slice_index], notes=case.notes,
                                                           decision=decision.to_dict() if decision else None,
-                                                          image_score=image_score(case, amap_native)))
-        means = amap.reshape(len(amap), -1).mean(1)
-        out = {"case": case.id, "slices": int(len(amap)), "score": float(means.mean()),
-               "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+                                                          image_score=image_score(case, amap_native),
+                                                          most_anomalous_slice=most_anomalous(case, amap)))
+        out = {"case": case.id, "slices": int(len(amap)), "score": float(amap.mean()),
+               "most_anomalous_slice": most_anomalous(case, amap),
                "folder": str(request.out / case.id)}
         if decision is not None:
             out.update({"decision": decision.decision, "n_components": decision.n_components,

@@ -25,7 +25,7 @@ from medcfx.export import denoiser_for
 from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases, evaluate_maps, select_rows
 from medcfx.batch import run_explain
 from medcfx.inputs import OutputDir, write_map, write_native
-from medcfx.scoring import decide, image_score, native_map, operating_point, score_cases
+from medcfx.scoring import decide, image_score, most_anomalous, native_map, operating_point, score_cases
 from medcfx.loading import load_state, load_unet
 from medcfx.method import Method, Option
 from medcfx.provenance import record, write_json
@@ -286,13 +286,12 @@ class Sampler:
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
             extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check,
-                     "image_score": image_score(case, heat)}
+                     "image_score": image_score(case, heat), "most_anomalous_slice": most_anomalous(case, hm)}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index],
                                                           notes=case.notes, **extra))
-        means = hm.reshape(len(hm), -1).mean(1)
-        out = {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(means.mean()),
-               "most_anomalous_slice": int(case.slice_index[int(np.argmax(means))]),
+        out = {"case": case.id, "slices": int(len(hm)), "heatmap_mean": float(hm.mean()),
+               "most_anomalous_slice": most_anomalous(case, hm),
                "folder": str(request.out / case.id)}
         if decision is not None:
             d = decision.to_dict()
