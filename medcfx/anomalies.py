@@ -182,18 +182,16 @@ def foreground(image: np.ndarray) -> np.ndarray:
 
 def bilinear(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Sample ``image`` [C, H, W] at float pixel coordinates (ys, xs) (any equal shapes) by bilinear
-    interpolation, coordinates clamped to the image (edge values repeat). Returns [C, *ys.shape]."""
+    interpolation, coordinates clamped to the image (edge values repeat). Returns float64 [C, *ys.shape]
+    (``scipy.ndimage.map_coordinates`` of order 1 per channel)."""
     c, h, w = image.shape
     y = np.clip(np.asarray(ys, dtype=np.float64), 0, h - 1)
     x = np.clip(np.asarray(xs, dtype=np.float64), 0, w - 1)
-    y0 = np.minimum(np.floor(y).astype(np.int64), h - 2) if h > 1 else np.zeros(y.shape, np.int64)
-    x0 = np.minimum(np.floor(x).astype(np.int64), w - 2) if w > 1 else np.zeros(x.shape, np.int64)
-    fy, fx = y - y0, x - x0
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    img = image.astype(np.float64, copy=False)
-    top = img[:, y0, x0] * (1 - fx) + img[:, y0, x1] * fx
-    bottom = img[:, y1, x0] * (1 - fx) + img[:, y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
+    img = np.asarray(image, dtype=np.float64)
+    out = np.empty((c,) + y.shape)
+    for k in range(c):
+        out[k] = ndimage.map_coordinates(img[k], [y, x], order=1, mode="nearest")
+    return out
 
 
 def distance_inside(mask: np.ndarray) -> np.ndarray:
