@@ -176,6 +176,8 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are created."),
     print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
+    logger: Optional[str] = typer.Option(None, "--logger", help="Also log to tensorboard (RUN/tensorboard) or mlflow "
+                                                                "(RUN/mlruns); optional extras."),
 ) -> None:
     """Train a method's model; the result is registered in the model registry. Without --preset the method's
     defaults are used (`medcfx methods METHOD` lists the presets and every setting)."""
@@ -188,10 +190,13 @@ def train(
     if print_config:
         _print_config(m, "train", config, preset=preset)
     check_train_request(config, name, runs_dir)  # before any data is read or any folder created
+    from medcfx.train_loggers import check_logger
+
+    check_logger(logger)
     _say_preset(m, preset)
     request = Request(command="train", method=m, options=options, config=config, data=data, name=name,
                       resume=resume, device=resolve_device(device), seed=m.check_seed("train", seed), runs_dir=runs_dir,
-                      registry=_registry(), console=console, extra={"preset": preset})
+                      registry=_registry(), console=console, extra={"preset": preset, "logger": logger})
     _run(m, "train", request)
 
 

@@ -36,6 +36,7 @@ import medcfx
 from medcfx import staging
 from medcfx.errors import MedcfxError, UsageError
 from medcfx.train_announce import PROBE_STEPS, PlainProgress, announce, say
+from medcfx.train_loggers import open_logger
 
 CHECKPOINTS_KEPT = 2
 
@@ -433,6 +434,7 @@ def fit(
     probe_t, probe_step, first_s = 0.0, -1, 0.0  # the clock and step after this session's first step
     stopped = False
     log_file = open(log_path, "a") if d.main else None
+    sink = open_logger(run) if d.main else None  # TensorBoard / MLflow when the run was started with --logger
     model.train()
     try:
         while step < cfg.steps:
@@ -479,6 +481,8 @@ def fit(
                 row.update({k: float(v) for k, v in logs.items()})
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
+                if sink is not None:
+                    sink.log(step, row)
                 if bar is not None:
                     bar.update(task, completed=step, loss=value, ips=ips)
             validate = val_fn is not None and (
@@ -490,6 +494,8 @@ def fit(
                 if log_file is not None:
                     log_file.write(json.dumps({"step": step, "val": v}) + "\n")
                     log_file.flush()
+                if sink is not None:
+                    sink.log(step, {"val": v})
                 if v < best_val:
                     best_val, since_best = v, 0
                     if d.main:
@@ -507,6 +513,8 @@ def fit(
             bar.stop()
         if log_file is not None:
             log_file.close()
+        if sink is not None:
+            sink.close()
     barrier(d)
     seconds = time.perf_counter() - t0
     if d.main:
@@ -551,7 +559,8 @@ def start_run(request, dataset: str | None = None) -> Path | None:
         TrainConfig.from_dict(request.config["train"])  # a bad value is refused before the folder exists
     dataset = dataset or Path(request.data).name or "data"
     record = {"method": request.method.name, "data": _absolute(request.data), "seed": request.seed,
-              "preset": (request.extra or {}).get("preset"), "options": request.options, "config": request.config}
+              "preset": (request.extra or {}).get("preset"), "logger": (request.extra or {}).get("logger"),
+              "options": request.options, "config": request.config}
     if request.resume:
         run = latest_run_dir(request.runs_dir, request.method.name, dataset)
         saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
