@@ -122,7 +122,9 @@ def test_explain_unknown_target_is_a_one_line_error_and_writes_nothing(home, mod
     p = run_cli(["explain", data / "images" / "img_00.png", "--method", "mediffusion", "--target", "no-pneumonia",
                  "--out", out], env=_env(home))
     assert p.returncode == 2
-    err = p.stderr.strip()
+    notes = [ln for ln in p.stderr.splitlines() if ln.startswith("using ")]  # the model picked without --model
+    assert notes == ["using mediffusion:1"]
+    err = "\n".join(ln for ln in p.stderr.strip().splitlines() if not ln.startswith("using "))
     assert "unknown target 'no-pneumonia'" in err and "no-cardiomegaly" in err and "effusion" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in p.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -140,7 +142,8 @@ def test_predict_and_evaluate_report_per_finding_probabilities_and_auroc(home, m
     assert len(rows) == len(pngs) and set(rows[0]) == {"file", *FINDINGS}
     probs = np.array([[float(r[f]) for f in FINDINGS] for r in rows])
     np.testing.assert_allclose(probs[0], _reference_probs(models, pngs[0]), rtol=1e-4, atol=1e-5)
-    run_cli(["evaluate", "mediffusion", "--model", "mediffusion", "--data", data, "--out", tmp_path / "ev"],
+    run_cli(["evaluate", "mediffusion", "--model", "mediffusion", "--data", data, "--out", tmp_path / "ev",
+             "--cf-images", "0"],  # the counterfactual checks are tested in test_cf_quality_mediffusion.py
             env=_env(home), check=0)
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["images"] == 12

@@ -190,7 +190,7 @@ def test_explain_goes_on_past_a_bad_case_and_exits_non_zero_at_the_end(home, tmp
     heat = nib.load(str(out / "demo_case" / "heatmap.nii.gz"))
     assert heat.shape == nib.load(str(DEMO_CASE / "demo_case_flair.nii.gz")).shape
     assert np.isfinite(np.asarray(heat.dataobj)).all()
-    assert sorted(p.name for p in out.iterdir()) == ["demo_case"]
+    assert sorted(p.name for p in out.iterdir()) == ["demo_case", "summary.csv", "summary.json"]
 
 
 def test_explain_of_only_bad_cases_leaves_no_output_folder(home, tmp_path):
@@ -212,7 +212,7 @@ def test_explain_sweeps_temporaries_of_killed_runs_from_out(home, tmp_path):
     (stale / "heatmap.nii.gz").write_bytes(b"half")
     run_cli(["explain", DEMO_CASE, "--model", "sanchez-demo", "--out", out, "--device", "cpu", "--steps", "4",
              "--slice", "6"], env=cli_env(home), check=0)
-    assert sorted(p.name for p in out.iterdir()) == ["demo_case"]
+    assert sorted(p.name for p in out.iterdir()) == ["demo_case", "summary.csv", "summary.json"]
 
 
 # ---------------------------------------------------------------------------------------------- hostile inputs
