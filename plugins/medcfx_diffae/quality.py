@@ -20,51 +20,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from medcfx import cf_quality as core
+
 from medcfx_diffae.configs import INVERSION_LIMIT  # noqa: F401  (the default limit, measured: see configs.py)
 
 ONE_CLASS = "the grader has one class: no other class or finding whose probability could change"
 
 
 def inversion_check(x: np.ndarray, rec: np.ndarray, limit: float) -> dict:
-    """{"error", "limit", "flagged"} for an image and its reconstruction, both in model units [-1, 1]."""
-    err = float(np.abs(np.asarray(rec, np.float64) - np.asarray(x, np.float64)).mean() / 2)
-    return {"error": err, "limit": float(limit), "flagged": bool(err > limit)}
+    """{"error", "limit", "flagged"} for an image and its reconstruction, both in model units [-1, 1]
+    (:func:`medcfx.cf_quality.inversion_check` with scale 1/2, so the error is in [0, 1] units)."""
+    return core.inversion_check(x, rec, limit, scale=0.5)
 
 
 def flip(before: float, after: float, distance: float, distance_after: float | None = None) -> dict:
-    """The binary counterfactual's flip record (see the module docstring); with the re-encoded
-    counterfactual's distance, also whether it crossed the hyperplane (the sign of the distance changed)."""
+    """The binary counterfactual's flip record (see the module docstring; the rule is
+    :func:`medcfx.cf_quality.flipped`); with the re-encoded counterfactual's distance, also whether it
+    crossed the hyperplane (the sign of the distance changed)."""
     towards_negative = distance > 0
-    if towards_negative:
-        flipped = None if before < 0.5 else bool(after < 0.5)
-    else:
-        flipped = None if before >= 0.5 else bool(after >= 0.5)
     out = {"direction": "to negative" if towards_negative else "to positive", "before": float(before),
-           "after": float(after), "flipped": flipped}
+           "after": float(after), "flipped": core.flipped(before, after, add=not towards_negative)}
     if distance_after is not None:
         out.update(distance_before=float(distance), distance_after=float(distance_after),
                    crossed_hyperplane=bool((distance_after <= 0) if towards_negative else (distance_after > 0)))
     return out
 
 
-def outside_change(diff: np.ndarray, region) -> float | None:
-    """Mean of the [H, W] map outside ``region`` (bool [H, W]); None without a region or when the region is
-    empty or the whole image."""
-    if region is None:
-        return None
-    region = np.asarray(region, bool)
-    if not region.any() or region.all():
-        return None
-    return float(np.asarray(diff, np.float64)[~region].mean())
+outside_change = core.outside_change
 
 
 def box_region(box, shape) -> np.ndarray | None:
-    """A box (x0, y0, x1, y1) in model pixels (exclusive ends; pixel centres inside) as a bool mask."""
-    b = np.asarray(box, np.float64)
-    if b.shape != (4,) or not np.isfinite(b).all():
-        return None
-    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
-    return (xx >= b[0]) & (xx < b[2]) & (yy >= b[1]) & (yy < b[3])
+    """One box (x0, y0, x1, y1) in model pixels as a bool mask (:func:`medcfx.cf_quality.box_region`)."""
+    return core.box_region([box], shape)
 
 
 def case_quality(inversion: dict | None, flip_record: dict | None = None, diff=None, region=None,
@@ -79,36 +66,15 @@ def case_quality(inversion: dict | None, flip_record: dict | None = None, diff=N
             "off_target_region": region_source if off_img is not None else None}
 
 
-def _mean(values) -> float | None:
-    v = [float(x) for x in values if x is not None]
-    return float(np.mean(v)) if v else None
-
-
 def summarise(cases: list[dict]) -> dict:
-    """Aggregate of :func:`case_quality` records (means over the cases that have each value)."""
-    inv = [c["inversion"] for c in cases if c.get("inversion")]
-    errors = [i["error"] for i in inv]
-    counted = [f["flipped"] for c in cases for f in c["flip"].values() if f["flipped"] is not None]
+    """Aggregate of :func:`case_quality` records (:func:`medcfx.cf_quality.summarise`), plus the share of
+    counterfactuals that crossed the hyperplane (every case counts) and why there is no off-target
+    probability."""
     crossed = [f["crossed_hyperplane"] for c in cases for f in c["flip"].values() if "crossed_hyperplane" in f]
-    off_img = [c["off_target_image_change"] for c in cases if c["off_target_image_change"] is not None]
-    return {
-        "cases": len(cases),
-        "inversion_checked": len(inv),
-        "inversion_error_mean": _mean(errors),
-        "inversion_error_median": float(np.median(errors)) if errors else None,
-        "inversion_limit": inv[0]["limit"] if inv else None,
-        "inversion_limit_suggested": 1.5 * float(np.median(errors)) if errors else None,
-        "flagged": sum(bool(i["flagged"]) for i in inv),
-        "flagged_share": float(np.mean([bool(i["flagged"]) for i in inv])) if inv else None,
-        "flip_counted": len(counted),
-        "flip_rate": float(np.mean(counted)) if counted else None,
-        # the same by the sign of the hyperplane distance (every case counts)
-        "hyperplane_cross_rate": float(np.mean(crossed)) if crossed else None,
-        "off_target_probability_change_mean": None,
-        "off_target_probability_note": ONE_CLASS,
-        "off_target_image_change_mean": _mean(off_img),
-        "off_target_image_cases": len(off_img),
-    }
+    out = core.summarise(cases)
+    out.update(hyperplane_cross_rate=float(np.mean(crossed)) if crossed else None,
+               off_target_probability_change_mean=None, off_target_probability_note=ONE_CLASS)
+    return out
 
 
 def case_line(q: dict) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medcfx import cf_quality as core
+
 # mean |input - unguided reconstruction| above which a case is flagged, intensity units [0, 1]: about 1.5x
 # the median over 32 demo test radiographs at the default removal setting (t = 300, every step: median
 # 0.042, max 0.049; t = 200: median 0.032) with mediffusion-demo; docs/methods/mediffusion.md has the numbers
@@ -28,42 +30,14 @@ INVERSION_LIMIT = 0.06
 
 
 def inversion_check(u_in: np.ndarray, u_rec: np.ndarray, limit: float) -> dict:
-    """{"error", "limit", "flagged"} for an input and its unguided reconstruction, both in [0, 1]."""
-    err = float(np.abs(np.asarray(u_rec, np.float64) - np.asarray(u_in, np.float64)).mean())
-    return {"error": err, "limit": float(limit), "flagged": bool(err > limit)}
+    """{"error", "limit", "flagged"} for an input and its unguided reconstruction, both in [0, 1]
+    (:func:`medcfx.cf_quality.inversion_check`)."""
+    return core.inversion_check(u_in, u_rec, limit)
 
 
-def flipped(before: float, after: float, add: bool) -> bool | None:
-    """Whether the probability crossed 0.5 in the requested direction; None when it started on that side."""
-    if add:
-        return None if before >= 0.5 else bool(after >= 0.5)
-    return None if before < 0.5 else bool(after < 0.5)
-
-
-def box_region(boxes, shape: tuple[int, int]) -> np.ndarray | None:
-    """The union of boxes (x0, y0, x1, y1) in pixel coordinates (x along the width, exclusive ends; a pixel
-    belongs when its centre lies inside) as a bool [H, W] mask; None when no box is given (NaN rows skipped)."""
-    region = np.zeros(shape, bool)
-    found = False
-    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
-    for b in boxes:
-        b = np.asarray(b, np.float64)
-        if b.shape != (4,) or not np.isfinite(b).all():
-            continue
-        found = True
-        region |= (xx >= b[0]) & (xx < b[2]) & (yy >= b[1]) & (yy < b[3])
-    return region if found else None
-
-
-def outside_change(diff: np.ndarray, region: np.ndarray | None) -> float | None:
-    """Mean of the [H, W] difference map outside ``region``; None without a region, or when the region is
-    empty or covers the whole image."""
-    if region is None:
-        return None
-    region = np.asarray(region, bool)
-    if not region.any() or region.all():
-        return None
-    return float(np.asarray(diff, np.float64)[~region].mean())
+flipped = core.flipped
+box_region = core.box_region
+outside_change = core.outside_change
 
 
 def case_quality(findings: list[str], targets, before, after, inversion: dict | None = None,
@@ -90,37 +64,13 @@ def case_quality(findings: list[str], targets, before, after, inversion: dict | 
     }
 
 
-def _mean(values) -> float | None:
-    v = [float(x) for x in values if x is not None]
-    return float(np.mean(v)) if v else None
-
-
 def summarise(cases: list[dict]) -> dict:
-    """The aggregate over the per-case records of :func:`case_quality` (each mean over the cases that have
-    the value; the flip rate over every (case, target) pair that started on the other side of 0.5)."""
-    inv = [c["inversion"] for c in cases if c.get("inversion")]
-    flips = [f["flipped"] for c in cases for f in c["flip"].values()]
-    counted = [f for f in flips if f is not None]
-    off_img = [c["off_target_image_change"] for c in cases if c["off_target_image_change"] is not None]
-    errors = [i["error"] for i in inv]
-    return {
-        "cases": len(cases),
-        "inversion_checked": len(inv),
-        "inversion_error_mean": _mean(errors),
-        "inversion_error_median": float(np.median(errors)) if errors else None,
-        # D(E(x)) alone, for scale: the part of the error that is the autoencoder's
-        "autoencoder_error_mean": _mean(i.get("autoencoder_error") for i in inv),
-        "inversion_limit": inv[0]["limit"] if inv else None,
-        # the rule the default limit follows (1.5x the median over test images), for a model of your own
-        "inversion_limit_suggested": 1.5 * float(np.median(errors)) if errors else None,
-        "flagged": sum(bool(i["flagged"]) for i in inv),
-        "flagged_share": float(np.mean([bool(i["flagged"]) for i in inv])) if inv else None,
-        "flip_counted": len(counted),
-        "flip_rate": float(np.mean(counted)) if counted else None,
-        "off_target_probability_change_mean": _mean(c["off_target_probability_change"] for c in cases),
-        "off_target_image_change_mean": _mean(off_img),
-        "off_target_image_cases": len(off_img),
-    }
+    """The aggregate over the per-case records of :func:`case_quality` (:func:`medcfx.cf_quality.summarise`),
+    plus the autoencoder's own share of the self-check error (D(E(x)) alone), for scale."""
+    out = core.summarise(cases)
+    out["autoencoder_error_mean"] = core.mean_or_none(
+        c["inversion"].get("autoencoder_error") for c in cases if c.get("inversion"))
+    return out
 
 
 def case_line(q: dict) -> str:
