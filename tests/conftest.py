@@ -60,3 +60,14 @@ def run_cli(args, env=None, cwd=None, check=None, timeout=600) -> subprocess.Com
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def demo_brains(root: Path, sets: dict[str, tuple[int, int]]) -> tuple[Path, dict]:
+    """A private MEDCFX_HOME under ``root`` and demo brain datasets ``root/NAME`` made by the real CLI
+    (``sets``: NAME -> (cases, seed)); returns (home, env)."""
+    home = root / "home"
+    home.mkdir(exist_ok=True)
+    env = cli_env(home)
+    for name, (cases, seed) in sets.items():
+        run_cli(["data", "demo", "brain", "--out", root / name, "--cases", cases, "--seed", seed], env=env, check=0)
+    return home, env

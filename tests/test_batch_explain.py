@@ -14,16 +14,13 @@ import sys
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import demo_brains, run_cli
 
 
 @pytest.fixture(scope="module")
 def brains(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
-    home = root / "home"
-    home.mkdir()
-    env = cli_env(home)
-    run_cli(["data", "demo", "brain", "--out", root / "data", "--cases", "3", "--seed", "7"], env=env, check=0)
+    _, env = demo_brains(root, {"data": (3, 7)})
     return root, env
 
 

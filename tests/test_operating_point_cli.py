@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, demo_brains, run_cli
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.inputs import iter_cases
 
@@ -24,11 +24,7 @@ FAST = ["--steps", "4", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("op")
-    home = root / "home"
-    home.mkdir()
-    env = cli_env(home)
-    run_cli(["data", "demo", "brain", "--out", root / "val", "--cases", "2", "--seed", "3"], env=env, check=0)
-    run_cli(["data", "demo", "brain", "--out", root / "test", "--cases", "2", "--seed", "4"], env=env, check=0)
+    home, env = demo_brains(root, {"val": (2, 3), "test": (2, 4)})
     return {"root": root, "home": home, "env": env}
 
 
