@@ -64,8 +64,9 @@ def _explain_section(out: Path) -> str:
     for f in folders:
         prov = _read(f / "provenance.json") or {}
         if not settings_shown:
-            parts.append(f"<p>Model <code>{html.escape(str(prov.get('model')))}</code> "
-                         f"(sha256 {html.escape(str(prov.get('model_sha256') or '')[:12])}), method "
+            model = (f"<code>{html.escape(str(prov['model']))}</code> (sha256 "
+                     f"{html.escape(str(prov.get('model_sha256') or '')[:12])})" if prov.get("model") else "none")
+            parts.append(f"<p>Model {model}, method "
                          f"<code>{html.escape(str(prov.get('method')))}</code>, medcfx "
                          f"{html.escape(str(prov.get('medcfx_version')))}; settings: "
                          + ", ".join(f"{html.escape(str(k))} = {_cell(v)}" for k, v in (prov.get("params") or {}).items()
@@ -73,9 +74,10 @@ def _explain_section(out: Path) -> str:
             settings_shown = True
         k = prov.get("most_anomalous_slice")
         panel = f / "panels" / f"slice_{int(k):03d}.png" if k is not None else None
-        if panel is None or not panel.exists():
+        if panel is None or not panel.exists():  # an output older than the most_anomalous_slice record
             pngs = sorted((f / "panels").glob("*.png")) if (f / "panels").is_dir() else []
             panel = pngs[len(pngs) // 2] if pngs else None
+            k = panel.stem.rpartition("_")[2].lstrip("0") or "0" if panel is not None else "?"
         d = prov.get("decision") or {}
         line = [f"<b>{html.escape(f.name)}</b>"]
         if d:
@@ -91,7 +93,7 @@ def _explain_section(out: Path) -> str:
             rel = panel.relative_to(out).as_posix()
             img = f'<img src="{html.escape(rel)}" alt="{html.escape(f.name)} slice {html.escape(str(k))}">'
         parts.append(f'<div class="case"><p>{" &middot; ".join(line)}</p>{img}'
-                     f"<p>slice {html.escape(str(k))} of the input (the most anomalous); all slices in "
+                     f"<p>slice {html.escape(str(k))} of the input; all slices in "
                      f"<code>{html.escape(f.name)}/panels/</code></p></div>")
     return "\n".join(parts)
 
