@@ -11,7 +11,6 @@ half-written; an image that cannot be read is reported at the end while the othe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,25 +20,12 @@ from medcfx.errors import MedcfxError, UsageError
 from medcfx.inputs import CaseLog, OutputDir
 
 from medcfx_diffae import quality as cq
+from medcfx_diffae.common import inversion_limit as _limit, recon_errors, sampling_steps as _steps
 from medcfx_diffae.grader import GRADER_METHOD, load_grader
 from medcfx_diffae.model import DEMO_GRADER, DEMO_MODEL, METHOD, load_autoencoder, load_input
 
 # ---------------------------------------------------------------------------------------------------------
 # shared pieces
-
-
-def _steps(request, loaded) -> tuple[int, int]:
-    enc = int(request.options.get("encode_steps") or loaded.sample.get("encode_steps", 250))
-    dec = int(request.options.get("decode_steps") or loaded.sample.get("decode_steps", 100))
-    for flag, v in (("--encode-steps", enc), ("--decode-steps", dec)):
-        if not 1 <= v <= loaded.schedule.T:
-            raise UsageError(f"{flag} must be in [1, {loaded.schedule.T}], got {v}")
-    return enc, dec
-
-
-def _limit(request) -> float:
-    """--inversion-limit (default configs.INVERSION_LIMIT)."""
-    return float(request.options.get("inversion_limit") or cq.INVERSION_LIMIT)
 
 
 def case_quality(x: np.ndarray, a, limit: float) -> dict:
@@ -60,14 +46,6 @@ def _out_dirs(out: Path, paths) -> list[Path]:
         seen[stem] = seen.get(stem, 0) + 1
         names.append(out / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
     return names
-
-
-def recon_errors(x: np.ndarray, y: np.ndarray) -> dict:
-    """MSE, MAE (model units, images in [-1, 1]) and PSNR = 10 log10(2^2 / MSE) of one image pair."""
-    diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
-    mse = float(np.mean(diff ** 2))
-    return {"mse": mse, "mae": float(np.mean(np.abs(diff))),
-            "psnr_db": float(10 * math.log10(4.0 / mse)) if mse > 0 else math.inf}
 
 
 @dataclass

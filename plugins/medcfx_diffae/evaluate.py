@@ -31,6 +31,7 @@ from medcfx.errors import MedcfxError, UsageError
 from medcfx.staging import atomic_write_bytes
 
 from medcfx_diffae import quality as cq
+from medcfx_diffae.common import inversion_limit, recon_errors, sampling_steps
 from medcfx_diffae.grader import binary_targets, label_column, load_grader
 from medcfx_diffae.model import GRADER_METHOD, METHOD, load_autoencoder, semantic
 
@@ -144,7 +145,6 @@ def evaluate(request) -> dict:
 
     from medcfx.provenance import record, write_json
 
-    from medcfx_diffae.commands import _limit, _steps, recon_errors
     from medcfx_diffae.model import decode_codes, stochastic_encode
     from medcfx_diffae.trainer import load_images
 
@@ -154,7 +154,7 @@ def evaluate(request) -> dict:
     if registry.resolve(ae_ref).ref != gentry.parent:
         raise UsageError(f"grader {gentry.ref} belongs to {gentry.parent}, not to {ae_ref}")
     loaded = load_autoencoder(registry, gentry.parent, request.device)
-    enc, dec = _steps(request, loaded)
+    enc, dec = sampling_steps(request, loaded)
     n_rec = int(request.options.get("recon_images", 16))
     if n_rec < 0:
         raise UsageError(f"--recon-images must be >= 0, got {n_rec}")
@@ -203,7 +203,7 @@ def evaluate(request) -> dict:
         recon = {f"reconstruction_{k}": float(np.mean([e[k] for e in errs])) for k in errs[0]}
         recon["reconstruction_n"] = len(errs)
         after = grader.predict(semantic(loaded.model, frames[n_rec:]).cpu().numpy().astype(np.float64))
-        quality = cf_quality(grader, ss, images[:n_rec].numpy(), xr, xc, z[:n_rec], after, _limit(request))
+        quality = cf_quality(grader, ss, images[:n_rec].numpy(), xr, xc, z[:n_rec], after, inversion_limit(request))
     reliance = semantic_reliance(loaded, images[: max(n_rec, 32)], z[: max(n_rec, 32)], seed=request.seed)
     cvn = code_vs_noise(loaded, z[:16], tuple(images.shape[1:]), seed=request.seed, device=request.device)
     result = {"grader": gentry.ref, "autoencoder": loaded.entry.ref, "data": str(request.data),
