@@ -123,7 +123,7 @@ def make_data(work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
 def classification_study(args, env, train: Path, test: Path, ae: str) -> dict:
     from medcfx.data import PreprocessConfig
     from medcfx_mediffusion.joint import subsample_labels
-    from medcfx_mediffusion.methods import auroc_table
+    from medcfx_mediffusion.scoring import auroc_table
     from medcfx_mediffusion.data import images_tensor, load_dataset, train_rows
 
     results: dict = {}
@@ -172,7 +172,9 @@ def counterfactual_study(args, env, train: Path, test: Path, model_ref: str) -> 
     from medcfx.registry import Registry
     from medcfx_mediffusion import counterfactual as cf
     from medcfx_mediffusion.data import images_tensor, load_dataset, load_joint, train_rows
-    from medcfx_mediffusion.methods import DEFAULTS, auroc_table, classify
+    from medcfx_mediffusion.config import DEFAULTS
+    from medcfx_mediffusion.joint import classify
+    from medcfx_mediffusion.scoring import auroc_table
 
     reg = Registry(os.environ["MEDCFX_HOME"])
     model, codec, entry = load_joint(reg, model_ref)

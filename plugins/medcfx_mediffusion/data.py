@@ -21,6 +21,11 @@ def preprocess_config(cfg: dict) -> PreprocessConfig:
                             intensity=cfg.get("intensity", "percentile"))
 
 
+def stored_preprocess(d: dict) -> PreprocessConfig:
+    """The preprocessing a model entry stores (its config's ``preprocess``)."""
+    return PreprocessConfig.from_dict(d)
+
+
 def load_dataset(path: Path, pp: PreprocessConfig):
     """The cached SliceSet of a dataset (2D images only)."""
     ss = prepare(path, pp)

@@ -139,6 +139,18 @@ def probabilities(kind: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if kind == "bce" else torch.softmax(logits, dim=1)
 
 
+@torch.no_grad()
+def classify(model, z: torch.Tensor, kind: str, t: int = 0, batch: int = 128) -> np.ndarray:
+    """Per-finding probabilities of latents z at timestep t (default 0: clean latents)."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(z), batch):
+        zb = z[i:i + batch].to(dev)
+        tt = torch.full((len(zb),), int(t), dtype=torch.int64, device=dev)
+        out.append(probabilities(kind, model.logits(zb, tt)).cpu())
+    return torch.cat(out).numpy()
+
+
 def loss_kind(labels: np.ndarray, setting: str) -> str:
     """'bce' or 'ce' for ``classifier.loss`` = bce | ce | auto. auto picks softmax cross-entropy when there
     are >= 2 columns and every labelled row is complete and one-hot (mutually exclusive classes, e.g. a

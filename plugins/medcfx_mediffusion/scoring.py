@@ -1,0 +1,227 @@
+"""``medcfx evaluate`` / ``predict``: the autoencoder's reconstruction quality (MAE, PSNR, SSIM) and the
+joint model's classification (AUROC / AP per finding) with the counterfactual quality check of ``evaluate``
+(quality.py on the first test images labelled for the target)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medcfx.diffusion import Schedule
+from medcfx.errors import MedcfxError
+from medcfx.provenance import record, write_json
+from medcfx.staging import atomic_write_bytes
+
+from medcfx_mediffusion import quality as cq
+from medcfx_mediffusion.autoencoder import KLAutoencoder, ssim
+from medcfx_mediffusion.config import CF_IMAGES
+from medcfx_mediffusion.data import (
+    default_model,
+    eval_rows,
+    expand_inputs,
+    images_tensor,
+    load_dataset,
+    load_joint,
+    read_input,
+    stored_preprocess,
+)
+from medcfx_mediffusion.joint import classify
+from medcfx_mediffusion.sampling import cf_settings, run_counterfactual, to_unit
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def recon_metrics(codec_ae: KLAutoencoder, x: torch.Tensor, batch: int = 64) -> dict:
+    """Reconstruction quality of x -> D(mu(x)) in [0, 1] intensity units: MAE, PSNR (peak 1), SSIM."""
+    maes, mses, ssims = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            rec, _, _ = codec_ae(xb)
+            a, b = (xb + 1) / 2, (rec.clamp(-1, 1) + 1) / 2
+            maes.append((a - b).abs().flatten(1).mean(1))
+            mses.append((a - b).pow(2).flatten(1).mean(1))
+            ssims.append(ssim(a, b, data_range=1.0))
+    mae, mse, s = torch.cat(maes), torch.cat(mses), torch.cat(ssims)
+    psnr = 10 * torch.log10(1.0 / mse.clamp(min=1e-12))
+    return {"recon_MAE": float(mae.mean()), "recon_PSNR": float(psnr.mean()), "recon_SSIM": float(s.mean()),
+            "images": int(len(x))}
+
+
+def auroc_table(probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """AUROC and AP per finding over its labelled rows (NaN when a class is absent), and their means."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    out: dict = {}
+    aucs, aps = [], []
+    for k, name in enumerate(names):
+        m = ~np.isnan(labels[:, k])
+        y = labels[m, k].astype(int)
+        if m.sum() == 0 or len(np.unique(y)) < 2:
+            out[f"{name}_AUROC"] = float("nan")
+            out[f"{name}_AP"] = float("nan")
+            continue
+        auc = float(roc_auc_score(y, probs[m, k]))
+        ap = float(average_precision_score(y, probs[m, k]))
+        out[f"{name}_AUROC"], out[f"{name}_AP"] = auc, ap
+        aucs.append(auc)
+        aps.append(ap)
+    out["mean_AUROC"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["mean_AP"] = float(np.mean(aps)) if aps else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ autoencoder
+
+
+def evaluate_autoencoder(request) -> dict:
+    entry = request.registry.resolve(request.model or default_model(request.registry, ("mediffusion-ae", "mediffusion-ae-demo")))
+    if entry.method != "mediffusion-ae":
+        raise MedcfxError(f"--model {entry.ref} is a '{entry.method}' model, not a mediffusion-ae autoencoder")
+    ae = KLAutoencoder(entry.config["network"])
+    from medcfx.loading import load_state
+
+    load_state(ae, request.registry.load_tensors(entry, "weights"), f"{entry.ref} (weights)")
+    pp = stored_preprocess(entry.config["preprocess"])
+    ss = load_dataset(request.data, pp)
+    rows = eval_rows(ss)
+    metrics = recon_metrics(ae.eval(), images_tensor(ss, rows))
+    out = {"model": entry.ref, "data": str(request.data), **metrics}
+    request.out.mkdir(parents=True, exist_ok=True)
+    write_json(request.out / "metrics.json", out)
+    write_json(request.out / "provenance.json", record(request, entry, {"rows": "test split" if len(rows) < len(ss) else "all"}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ joint model
+
+
+def predict(request) -> dict:
+    model, codec, entry = load_joint(request.registry, request.model, request.device)
+    ccfg = entry.config["classifier"]
+    pp = stored_preprocess(entry.config["preprocess"])
+    paths = expand_inputs(request.inputs)
+    rows = []
+    for p in paths:
+        x, _ = read_input(p, pp, int(entry.config["ae"]["network"]["in_channels"]), log=request.log)
+        probs = classify(model, codec.encode(x.to(request.device)).cpu(), ccfg["kind"])[0]
+        rows.append({"file": str(p), **{f: round(float(v), 6) for f, v in zip(ccfg["findings"], probs)}})
+    from rich.table import Table
+
+    table = Table(title=f"mediffusion {entry.ref}: probability per finding")
+    table.add_column("file")
+    for f in ccfg["findings"]:
+        table.add_column(f, justify="right")
+    for r in rows:
+        table.add_row(Path(r["file"]).name, *(f"{r[f]:.3f}" for f in ccfg["findings"]))
+    if request.console is not None:
+        request.console.print(table)
+    if request.out is not None:
+        request.out.mkdir(parents=True, exist_ok=True)
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", *ccfg["findings"]])
+        for r in rows:
+            w.writerow([r["file"], *(r[f] for f in ccfg["findings"])])
+        atomic_write_bytes(request.out / "predictions.csv", buf.getvalue().encode())
+        write_json(request.out / "provenance.json", record(request, entry, {"t": 0}, paths, predictions=rows))
+    return {"printed": True} if request.console is not None else {"model": entry.ref, "predictions": rows}
+
+
+def evaluate(request) -> dict:
+    model, codec, entry = load_joint(request.registry, request.model, request.device)
+    ccfg = entry.config["classifier"]
+    ss = load_dataset(request.data, stored_preprocess(entry.config["preprocess"]))
+    findings = ccfg["findings"]
+    missing = [f for f in findings if f not in ss.label_names]
+    if missing:
+        raise MedcfxError(f"--data {request.data}: no label column for {', '.join(missing)} (has: {', '.join(ss.label_names) or 'none'})")
+    rows = eval_rows(ss)
+    labels = np.asarray(ss.labels)[rows][:, [ss.label_names.index(f) for f in findings]]
+    z = codec.encode(images_tensor(ss, rows).to(request.device)).cpu()
+    probs = classify(model, z, ccfg["kind"])
+    metrics = auroc_table(probs, labels, findings)
+    out = {"model": entry.ref, "data": str(request.data), "images": int(len(rows)), **metrics}
+    n_cf = int(request.options.get("cf_images", CF_IMAGES))
+    quality = _cf_quality(request, model, codec, entry, ss, rows, n_cf) if n_cf > 0 else None
+    if quality is not None:
+        out["counterfactual_quality"] = {**quality["settings"], **quality["summary"]}
+    request.out.mkdir(parents=True, exist_ok=True)
+    write_json(request.out / "metrics.json", out)
+    if quality is not None:
+        write_json(request.out / "counterfactual_quality.json", quality)
+    lines = ["| finding | AUROC | AP |", "|---|---:|---:|"]
+    for f in findings:
+        lines.append(f"| {f} | {metrics[f + '_AUROC']:.4f} | {metrics[f + '_AP']:.4f} |")
+    lines.append(f"| mean | {metrics['mean_AUROC']:.4f} | {metrics['mean_AP']:.4f} |")
+    if quality is not None:
+        lines += ["", _quality_text(out["counterfactual_quality"])]
+    (request.out / "metrics.md").write_text("\n".join(lines) + "\n")
+    write_json(request.out / "provenance.json", record(request, entry, {"rows": len(rows), "cf_images": n_cf}, []))
+    if quality is not None:
+        request.log(_quality_text(out["counterfactual_quality"]))
+    return out
+
+
+def _cf_quality(request, model, codec, entry, ss, rows, n: int) -> dict:
+    """Counterfactuals of at most ``n`` test images (the first rows labelled on the targets' starting
+    side: positive for a removal, negative for an addition), each with its inversion self-check, flip
+    and off-target change (quality.py); per case and summarised."""
+    c = entry.config
+    findings, kind = c["classifier"]["findings"], c["classifier"]["kind"]
+    o = request.options
+    schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
+    spec = o.get("cf_target") or [f"no-{findings[0]}"]
+    targets, t, scales, steps, sampler = cf_settings(spec, findings, request.config["explain"], schedule)
+    limit = float(o.get("inversion_limit") or cq.INVERSION_LIMIT)
+    lab = np.asarray(ss.labels)
+    cols = [ss.label_names.index(tg.finding) for tg in targets]
+    eligible = [int(r) for r in rows if all(lab[r, k] == (0.0 if tg.add else 1.0) for k, tg in zip(cols, targets))]
+    chosen = eligible[:n]
+    boxes = ss.bbox or {}
+    masks, has_mask = ss.masks, (ss.has_mask if ss.masks is not None else None)
+    request.log(f"counterfactual quality: {','.join(tg.name for tg in targets)} on {len(chosen)} of the "
+                f"{len(eligible)} test images labelled for it (t={t}, steps {steps}, {sampler}; two reverse "
+                f"chains per image)")
+    cases = []
+    for r in chosen:
+        x = images_tensor(ss, np.array([r])).to(request.device)
+        x_cf, x_ae, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
+                                                   sampler, int(request.seed))
+        before = classify(model, z0.cpu(), kind)[0]
+        after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
+        u_in = to_unit(x[0].cpu())
+        diff = np.abs(to_unit(x_cf[0]) - u_in).mean(axis=0)
+        region = cq.box_region([boxes[tg.finding][r] for tg in targets if tg.finding in boxes], diff.shape)
+        source = "box" if region is not None else None
+        if region is None and masks is not None and bool(has_mask[r]):
+            region, source = np.asarray(masks[r]) > 0, "mask"
+        inversion = cq.inversion_check(u_in, to_unit(x_inv[0]), limit)
+        inversion["autoencoder_error"] = float(np.abs(to_unit(x_ae[0]) - u_in).mean())
+        q = cq.case_quality(findings, targets, before, after, inversion, diff, region, source)
+        cases.append({"case": str(ss.case_ids[r]), "probabilities": {
+            f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}, **q})
+        request.log(f"  {ss.case_ids[r]}: {cq.case_line(q)}")
+    settings = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps,
+                "sampler": sampler, "seed": int(request.seed), "eligible_images": len(eligible),
+                "selection": "the first test rows labelled positive for each removed finding and negative for "
+                             "each added one"}
+    return {"settings": settings, "summary": cq.summarise(cases), "cases": cases}
+
+
+def _quality_text(q: dict) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"Counterfactual quality ({', '.join(q['targets'])}, {q['cases']} test images): inversion self-check "
+            f"error mean {f(q['inversion_error_mean'], '.4f')}, median {f(q['inversion_error_median'], '.4f')}, "
+            f"flagged {q['flagged']} of {q['inversion_checked']} (limit {f(q['inversion_limit'], 'g')}); flip rate "
+            f"{f(q['flip_rate'], '.2f')} over {q['flip_counted']}; off-target probability change "
+            f"{f(q['off_target_probability_change_mean'], '.3f')}; off-target image change "
+            f"{f(q['off_target_image_change_mean'], '.4f')} ({q['off_target_image_cases']} with a box or mask).")
