@@ -1,6 +1,8 @@
 """``medcfx explain`` and ``medcfx sample`` of ``mediffusion``: counterfactuals guided by the model's own
 classifier (forward noising of the latent to t, guided reverse chain, decoded; with the unguided inversion
-self-check) and guided generation from noise; the PNG panels they write."""
+self-check) and guided generation from noise; the PNG panels they write. With a model calibrated for the explained
+target (``medcfx calibrate``, scoring.py) ``explain`` also thresholds the difference map: mask.png, its
+connected components, the area and the decision."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from medcfx import viz
 from medcfx.diffusion import Schedule
 from medcfx.errors import UsageError
 from medcfx.inputs import CaseLog, OutputDir
+from medcfx.operating_points import lesion_mask, lesion_size
 from medcfx.provenance import record, write_json
 from medcfx.staging import staged_folder
 
@@ -57,6 +60,63 @@ def run_counterfactual(model, codec, schedule, x: torch.Tensor, kind: str, targe
     return codec.decode(z_cf).cpu(), codec.decode(z0).cpu(), x_inv, z0
 
 
+def difference_map(x: torch.Tensor, x_cf: torch.Tensor) -> np.ndarray:
+    """The map explain writes (on the model grid): |counterfactual - input| in [0, 1] intensity units, mean
+    over the channels; ``x`` and ``x_cf`` one image [C, S, S] in [-1, 1]. float32 [S, S]."""
+    return np.abs(to_unit(x_cf.cpu()) - to_unit(x.cpu())).mean(axis=0).astype(np.float32)
+
+
+def explain_operating_point(request, entry, params: dict) -> tuple[tuple[str, float] | None, dict]:
+    """(name, threshold) of the calibration stored with ``entry`` and what the summary says once
+    (:func:`medcfx.scoring.operating_point`); None and a warning when the calibration was made for other
+    targets than ``params["targets"]`` (a threshold belongs to the maps of its target)."""
+    from medcfx.scoring import operating_point
+
+    point, said = operating_point(request, entry, {k: v for k, v in params.items() if k != "targets"},
+                                  "mediffusion")
+    saved = ((entry.extra or {}).get("calibration_settings") or {}).get("targets")
+    if point is not None and saved is not None and list(saved) != list(params["targets"]):
+        said = {"calibration": f"{entry.ref} is calibrated for target {','.join(saved)}, not "
+                               f"{','.join(params['targets'])}: no mask or decision"}
+        said["warning"] = (f"{entry.ref}'s calibration was made for target {','.join(saved)}; explaining "
+                           f"{','.join(params['targets'])} gives the heatmap only (calibrate for this target)")
+        return None, said
+    return point, said
+
+
+def dicom_pixel_spacing(path) -> tuple[float, float] | None:
+    """(row, column) spacing in mm of a DICOM image (PixelSpacing), None for other files or without it."""
+    from medcfx.data.io import is_dicom_file
+
+    if not is_dicom_file(Path(path)):
+        return None
+    try:
+        import pydicom
+
+        sp = pydicom.dcmread(str(path), stop_before_pixels=True).get("PixelSpacing")
+        out = (float(sp[0]), float(sp[1])) if sp is not None and len(sp) == 2 else None
+    except Exception:  # an unreadable header: the area is given in pixels
+        return None
+    return out if out is not None and all(np.isfinite(out)) and min(out) > 0 else None
+
+
+def decide_image(heat: np.ndarray, point: tuple[str, float], targets, spacing=None) -> tuple[np.ndarray, dict]:
+    """The difference map on the input's grid at a calibrated threshold: (mask bool [H, W], the decision
+    record): ``score > threshold``, connected components with 8 neighbours, the area in pixels (mm^2 with a
+    pixel ``spacing``), the image score (the map's maximum) and "lesion present" when a component remains."""
+    name, threshold = point
+    lm = lesion_mask(heat, threshold)
+    size, unit = lesion_size(lm.mask, spacing)
+    removal = all(not tg.add for tg in targets)
+    return lm.mask, {"operating_point": name, "threshold": float(threshold), "rule": "score > threshold",
+                     "decision": "lesion present" if lm.n_components else "no lesion",
+                     "image_score": float(heat.max()), "n_components": lm.n_components,
+                     f"lesion_size_{unit.replace('^', '')}": float(size),
+                     "component_sizes_pixels": [int(s) for s in lm.sizes],
+                     "flagged_region": "where the finding was (removal target)" if removal else
+                                       "where the counterfactual changed the image (addition target)"}
+
+
 # ------------------------------------------------------------------------------------------ explain
 
 
@@ -81,6 +141,10 @@ def explain(request) -> dict:
               "self_check": ("the same noising and reverse chain with guidance scale 0 (same seed), decoded; "
                              f"error = mean |input - reconstruction| in [0, 1], flagged above {limit:g}")
               if self_check else "off"}
+    point, said = explain_operating_point(request, entry, params)
+    for k in ("calibration", "warning"):
+        if k in said:
+            request.log(f"{k}: {said[k]}")
     results = []
     used: set[str] = set()
     log = CaseLog()  # an image that cannot be read is reported at the end; the others go on
@@ -90,16 +154,17 @@ def explain(request) -> dict:
             x, geom = read_input(path, pp, channels, log=request.log)
             results.append(_explain_one(request, entry, model, codec, schedule, path, x, geom, out / name,
                                              targets, scales, t, steps, sampler, params,
-                                             limit if self_check else None))
+                                             limit if self_check else None, point, said))
     if self_check and results:
         n_flag = sum(bool(r["quality"]["inversion"]["flagged"]) for r in results)
         request.log(f"self-check: {n_flag} of {len(results)} case(s) flagged (unguided reconstruction error "
                     f"above {limit:g})")
-    return log.finish({"printed": True} if request.console is not None else {"model": entry.ref, "outputs": results})
+    return log.finish({"printed": True} if request.console is not None
+                      else {"model": entry.ref, "outputs": results, **said})
 
 
 def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: Path, targets, scales,
-                 t, steps, sampler, params, limit) -> dict:
+                 t, steps, sampler, params, limit, point=None, said=None) -> dict:
     findings, kind = entry.config["classifier"]["findings"], entry.config["classifier"]["kind"]
     x = x.to(request.device)
     x_cf, x_rec, x_inv, z0 = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps,
@@ -107,7 +172,7 @@ def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: P
     before = classify(model, z0.cpu(), kind)[0]
     after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
     u_in, u_cf, u_rec = to_unit(x[0].cpu()), to_unit(x_cf[0]), to_unit(x_rec[0])
-    diff = np.abs(u_cf - u_in).mean(axis=0)
+    diff = difference_map(x[0], x_cf[0])
     inversion = None
     if x_inv is not None:
         inversion = cq.inversion_check(u_in, to_unit(x_inv[0]), limit)
@@ -117,10 +182,17 @@ def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: P
         viz.save_png(_gray_u8(geom.to_original(u_cf[None])), folder / "counterfactual.png")
         orig_diff = geom.to_original(diff[None])
         viz.save_png(viz.heat_rgb(orig_diff, vmax=max(float(diff.max()), 1e-6)), folder / "difference.png")
+        decision = None
+        if point is not None:
+            mask, decision = decide_image(orig_diff, point, targets, dicom_pixel_spacing(path))
+            viz.save_png((mask * 255).astype(np.uint8), folder / "mask.png")
         tiles = [_gray_u8(u_in), _gray_u8(u_rec), _gray_u8(u_cf), viz.heat_rgb(diff), viz.overlay(_gray_u8(u_in), diff)]
         titles = ["input", "AE recon", "counterfactual", f"|diff| max {diff.max():.2f}", "overlay"]
         lines = [f"target {','.join(tg.name for tg in targets)}  t={t}  scale={','.join(f'{s:g}' for s in scales)}",
                  "probability before -> after:", *_titles_text(findings, before, after)]
+        if decision is not None:
+            lines.append(f"{decision['operating_point']} (> {decision['threshold']:.4g}): {decision['decision']}, "
+                         f"{decision['n_components']} component(s)")
         if inversion is not None:
             lines.append(f"self-check |x - unguided rec| {inversion['error']:.3f} (limit {inversion['limit']:g})"
                          + (": MAP NOT TRUSTWORTHY" if inversion["flagged"] else ": ok"))
@@ -128,12 +200,21 @@ def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: P
         probs = {f: {"before": float(b), "after": float(a)} for f, b, a in zip(findings, before, after)}
         write_json(folder / "provenance.json", record(request, entry, params, [path], probabilities=probs,
                                                      diff_max=float(diff.max()), diff_mean=float(diff.mean()),
-                                                     quality=quality))
+                                                     quality=quality, decision=decision,
+                                                     **(said or {})))
     request.log(f"{path}: " + ", ".join(f"{f} {b:.2f}->{a:.2f}" for f, b, a in zip(findings, before, after))
                 + f"; {cq.case_line(quality)}  -> {final}")
     if inversion is not None and inversion["flagged"]:
         request.log(cq.warning_text(path, inversion))
-    return {"input": str(path), "folder": str(final), "probabilities": probs, "quality": quality}
+    if decision is not None:
+        size = next(k for k in decision if k.startswith("lesion_size_"))
+        request.log(f"{path}: {decision['operating_point']} > {decision['threshold']:.4g}: {decision['decision']} "
+                    f"({decision['n_components']} component(s), {size[12:]} {decision[size]:g}, image score "
+                    f"{decision['image_score']:.4f})")
+    out = {"input": str(path), "folder": str(final), "probabilities": probs, "quality": quality}
+    if decision is not None:
+        out["decision"] = decision
+    return out
 
 
 # ------------------------------------------------------------------------------------------ sample

@@ -1,6 +1,7 @@
 """``medcfx evaluate`` / ``predict``: the autoencoder's reconstruction quality (MAE, PSNR, SSIM) and the
 joint model's classification (AUROC / AP per finding) with the counterfactual quality check of ``evaluate``
-(quality.py on the first test images labelled for the target)."""
+(quality.py on the first test images labelled for the target); ``medcfx calibrate``: operating points of
+the difference maps of one target on validation images (boxes as lesions), stored with the model."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from medcfx_mediffusion.data import (
     stored_preprocess,
 )
 from medcfx_mediffusion.joint import classify
-from medcfx_mediffusion.sampling import cf_settings, run_counterfactual, to_unit
+from medcfx_mediffusion.sampling import cf_settings, difference_map, run_counterfactual, to_unit
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -197,8 +198,8 @@ def _cf_quality(request, model, codec, entry, ss, rows, n: int) -> dict:
         before = classify(model, z0.cpu(), kind)[0]
         after = classify(model, codec.encode(x_cf.clamp(-1, 1).to(request.device)).cpu(), kind)[0]
         u_in = to_unit(x[0].cpu())
-        diff = np.abs(to_unit(x_cf[0]) - u_in).mean(axis=0)
-        region = cq.box_region([boxes[tg.finding][r] for tg in targets if tg.finding in boxes], diff.shape)
+        diff = difference_map(x[0], x_cf[0])
+        region = box_lesion(boxes, r, [tg.finding for tg in targets], diff.shape)
         source = "box" if region is not None else None
         if region is None and masks is not None and bool(has_mask[r]):
             region, source = np.asarray(masks[r]) > 0, "mask"
@@ -213,6 +214,91 @@ def _cf_quality(request, model, codec, entry, ss, rows, n: int) -> dict:
                 "selection": "the first test rows labelled positive for each removed finding and negative for "
                              "each added one"}
     return {"settings": settings, "summary": cq.summarise(cases), "cases": cases}
+
+
+def box_lesion(boxes: dict, row: int, names, shape, geom=None) -> np.ndarray | None:
+    """The union of row ``row``'s boxes of the findings ``names`` (``boxes``: a SliceSet's ``bbox``, finding
+    -> [N, 4] model coordinates) as a bool mask of ``shape``: on the model grid, or on the input's own grid
+    when ``geom`` (the row's SliceGeometry) is given; None when none of them has a box."""
+    found = [boxes[f][row] for f in names if f in boxes]
+    if geom is not None:
+        found = [geom.box_to_original(b) for b in found if np.isfinite(np.asarray(b, np.float64)).all()]
+    return cq.box_region(found, shape)
+
+
+def calibrate(request) -> dict:
+    """``medcfx calibrate REF --data VAL --target T``: the difference maps of the counterfactuals for T (the
+    explain settings, seed and code) of at most ``--cf-images`` validation images, on each image's own grid,
+    streamed into a 22-bit PixelMetrics: lesion = the union of the target findings' boxes of an image
+    positive for one of them, every other pixel healthy (all pixels of an image negative for them). Images
+    positive without a box are skipped, unlabelled ones too unless ``--healthy``. The operating points
+    (:func:`medcfx.operating_points.calibrate`) are stored as a new version of the model with the settings
+    (``calibration``, ``calibration_settings``)."""
+    from medcfx.errors import UsageError
+    from medcfx.metrics import PixelMetrics
+    from medcfx.operating_points import calibrate as operating_points
+    from medcfx.train import data_fingerprint
+
+    model, codec, entry = load_joint(request.registry, request.model, request.device)
+    c, o = entry.config, request.options
+    findings, kind = c["classifier"]["findings"], c["classifier"]["kind"]
+    schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
+    targets, t, scales, steps, sampler = cf_settings(o.get("target"), findings, request.config["explain"], schedule,
+                                                     o.get("t"), o.get("scale"), o.get("steps"), o.get("sampler"))
+    ss = load_dataset(request.data, stored_preprocess(c["preprocess"]))
+    names = [tg.finding for tg in targets]
+    missing = [f for f in names if f not in ss.label_names]
+    if missing:
+        raise UsageError(f"--data {request.data}: no label column for {', '.join(missing)} (has: "
+                         f"{', '.join(ss.label_names) or 'none'}); calibration needs the target's labels")
+    lab = np.asarray(ss.labels)[:, [ss.label_names.index(f) for f in names]]
+    healthy = bool(request.extra.get("healthy"))
+    boxes = ss.bbox or {}
+    cap = int(o.get("cf_images") or 0)
+    pm = PixelMetrics(bits=22)
+    used = no_box = unlabelled = positive = 0
+    for r in range(len(ss)):
+        if cap and used >= cap:
+            break
+        row = lab[r]
+        if np.isnan(row).any() and not healthy:
+            unlabelled += 1
+            continue
+        pos = [f for f, v in zip(names, row) if v == 1.0]
+        geom = ss.geometry(str(ss.case_ids[r]))
+        shape = tuple(int(s) for s in geom.shape[:2])
+        lesion = np.zeros(shape, bool)
+        if pos:
+            have = [f for f in pos if f in boxes and np.isfinite(np.asarray(boxes[f][r], np.float64)).all()]
+            if len(have) < len(pos):
+                no_box += 1
+                continue
+            lesion = box_lesion(boxes, r, pos, shape, geom)
+            positive += 1
+        x = images_tensor(ss, np.array([r])).to(request.device)
+        x_cf = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps, sampler,
+                                  int(request.seed), self_check=False)[0]
+        pm.update(geom.to_original(difference_map(x[0], x_cf[0])[None]), lesion)
+        used += 1
+    if used == 0:
+        raise MedcfxError(f"--data {request.data}: no validation image to calibrate on ({no_box} positive for "
+                          f"{','.join(names)} without a box, {unlabelled} unlabelled for it)")
+    if pm.neg.sum() == 0:
+        raise MedcfxError("the validation images hold no healthy pixel: the false-positive rate is undefined")
+    cal = operating_points(pm, method="mediffusion", data_fingerprint=data_fingerprint(request.data), n_cases=used,
+                           fpr=float(request.extra.get("fpr") or 0.05))
+    settings = {"targets": [tg.name for tg in targets], "t": t, "scales": scales, "steps": steps, "sampler": sampler,
+                "seed": int(request.seed), "map": "|counterfactual - input| channel mean on the input's grid",
+                "lesion": "union of the target findings' boxes", "images": used, "positive_images": positive,
+                "skipped_positive_without_box": no_box, "skipped_unlabelled": unlabelled}
+    new = request.registry.derive(entry.ref, {"calibration": cal.to_dict(), "calibration_settings": settings})
+    named = ", ".join(f"{k} > {v:.6g}" for k, v in cal.thresholds().items())
+    best = f"; best validation Dice {cal.best_dice:.3f}" if cal.best_dice is not None else ""
+    request.log(f"calibrated {entry.ref} for {','.join(settings['targets'])} on {used} image(s) of {request.data} "
+                f"({positive} with a box; skipped {no_box} positive without a box, {unlabelled} unlabelled): "
+                f"{named} (achieved FPR {cal.achieved_fpr:.4f}{best}) -> {new.ref}")
+    return {"printed": request.console is not None, "model": new.ref, "calibration": cal.to_dict(),
+            "calibration_settings": settings}
 
 
 def _quality_text(q: dict) -> str:

@@ -1,0 +1,121 @@
+"""mediffusion's operating points: ``medcfx calibrate`` on the difference maps of one target (boxes as
+lesions) and ``explain`` thresholding at the stored threshold (mask.png, components, area, decision). The
+expected values are recomputed here: the maps in-process with the same seed, the quantile by numpy, the
+components by scipy.ndimage.label."""
+
+import csv
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from conftest import run_cli
+from medcfx.registry import Registry
+from test_mediffusion_cli import _env, data, models  # noqa: F401  (fixtures)
+
+STEPS = "3"
+
+
+def _maps(home, pp, paths):
+    """The no-cardiomegaly difference maps of ``paths`` on their own grids, as explain makes them (t 300,
+    scale 500, 3 DDPM steps, seed 0), computed here in-process."""
+    from medcfx.data import PreprocessConfig
+    from medcfx.diffusion import Schedule
+    from medcfx_mediffusion import counterfactual as cf
+    from medcfx_mediffusion.data import load_joint, read_input
+    from medcfx_mediffusion.sampling import run_counterfactual
+
+    model, codec, entry = load_joint(Registry(home, bundled=False), "mediffusion:1")
+    schedule = Schedule.create("linear", 1000)
+    targets = cf.parse_targets(["no-cardiomegaly"], entry.config["classifier"]["findings"])
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI subprocesses (OMP_NUM_THREADS=1)
+    try:
+        for p in paths:
+            x, geom = read_input(p, PreprocessConfig.from_dict(pp), 1)
+            x_cf = run_counterfactual(model, codec, schedule, x, "bce", targets, [500.0], 300, STEPS, "ddpm", 0,
+                                      self_check=False)[0]
+            u = lambda a: ((a.clamp(-1, 1) + 1) / 2).numpy()  # noqa: E731
+            out[p.name] = geom.to_original(np.abs(u(x_cf[0]) - u(x[0])).mean(0)[None]).astype(np.float32)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_calibrate_stores_the_healthy_quantile_and_explain_thresholds_at_it(home, models, data, tmp_path):  # noqa: F811
+    # img_02 is positive for cardiomegaly but loses its box: skipped (and said)
+    rows = list(csv.reader(open(data / "labels.csv")))
+    rows[3][3] = ""
+    with open(data / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    env = _env(home)
+    p = run_cli(["calibrate", "mediffusion:1", "--data", data, "--target", "no-cardiomegaly", "--steps", STEPS,
+                 "--cf-images", "6", "--fpr", "0.1"], env=env, check=0)
+    said = " ".join((p.stdout + p.stderr).split())  # the log, unwrapped
+    assert "skipped 1 positive without a box" in said
+    entry = Registry(home, bundled=False).resolve("mediffusion:2")
+    cal, settings = entry.extra["calibration"], entry.extra["calibration_settings"]
+    assert entry.parent == "mediffusion:1"
+    assert settings["targets"] == ["no-cardiomegaly"] and settings["images"] == 6
+    assert settings["skipped_positive_without_box"] == 1 and settings["positive_images"] == 3
+    # the first 6 usable rows: 0 (box), 1, 3, 4 (box), 5, 6 (box); 2 skipped
+    used = [0, 1, 3, 4, 5, 6]
+    maps = _maps(home, models["pp"], [data / "images" / f"img_{i:02d}.png" for i in used])
+    healthy = []
+    for i in used:
+        m = maps[f"img_{i:02d}.png"]
+        assert m.shape == (24, 24)
+        keep = np.ones(m.shape, bool)
+        if i % 2 == 0:
+            keep[6:18, 6:18] = False  # box 6;6;18;18 in the input's pixels
+        healthy.append(m[keep])
+    healthy = np.concatenate(healthy)
+    t_exact = float(np.quantile(healthy, 0.9, method="inverted_cdf"))
+    t = cal["threshold_fpr"]
+    assert t_exact <= t <= t_exact * (1 + 2 ** -12)
+    assert cal["n_healthy_pixels"] == healthy.size and cal["n_pixels"] == 6 * 24 * 24
+    assert cal["achieved_fpr"] <= 0.1 and cal["threshold_best_dice"] is not None
+
+    # explain with the calibrated model: mask.png = difference > t, components with 8 neighbours
+    out = tmp_path / "out"
+    pngs = [data / "images" / "img_00.png", data / "images" / "img_07.png"]
+    p = run_cli(["explain", *pngs, "--model", "mediffusion:2", "--method", "mediffusion", "--target",
+                 "no-cardiomegaly", "--steps", STEPS, "--self-check=false", "--out", out], env=env, check=0)
+    expect = _maps(home, models["pp"], pngs)
+    flagged = 0
+    for png in pngs:
+        folder = out / png.stem
+        mask = np.asarray(Image.open(folder / "mask.png")) > 0
+        diff = expect[png.name]
+        np.testing.assert_array_equal(mask, diff > np.float32(t))
+        flagged += int(mask.sum())
+        _, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        prov = json.loads((folder / "provenance.json").read_text())
+        d = prov["decision"]
+        assert d["operating_point"] == "fpr10" and d["threshold"] == t
+        assert d["n_components"] == n and d["lesion_size_pixels"] == mask.sum()
+        assert d["decision"] == ("lesion present" if n else "no lesion")
+        np.testing.assert_allclose(d["image_score"], diff.max(), rtol=1e-6)
+        assert prov["operating_point"]["name"] == "fpr10" and "warning" not in prov
+    assert flagged > 0  # the comparison is not between two empty masks
+    assert "calibration:" not in p.stdout + p.stderr
+
+    # another target than the calibrated one: a warning, no mask
+    p = run_cli(["explain", pngs[0], "--model", "mediffusion:2", "--method", "mediffusion", "--target", "no-effusion",
+                 "--steps", STEPS, "--self-check=false", "--out", tmp_path / "other"], env=env, check=0)
+    prov = json.loads((tmp_path / "other" / "img_00" / "provenance.json").read_text())
+    assert "made for target no-cardiomegaly" in prov["warning"] and "not no-effusion" in prov["calibration"] and prov["decision"] is None
+    assert not (tmp_path / "other" / "img_00" / "mask.png").exists() and "warning:" in p.stdout + p.stderr
+    # other settings for the same target: the mask, with a warning; no calibration: said once
+    p = run_cli(["explain", pngs[0], "--model", "mediffusion:2", "--method", "mediffusion", "--target",
+                 "no-cardiomegaly", "--steps", "2", "--self-check=false", "--out", tmp_path / "steps"], env=env, check=0)
+    prov = json.loads((tmp_path / "steps" / "img_00" / "provenance.json").read_text())
+    assert "steps '2' (calibrated at '3')" in prov["warning"] and (tmp_path / "steps" / "img_00" / "mask.png").exists()
+    p = run_cli(["explain", pngs[0], "--model", "mediffusion:1", "--method", "mediffusion", "--target",
+                 "no-cardiomegaly", "--steps", STEPS, "--self-check=false", "--out", tmp_path / "none"], env=env, check=0)
+    prov = json.loads((tmp_path / "none" / "img_00" / "provenance.json").read_text())
+    assert prov["calibration"].startswith("none:") and prov["decision"] is None
+    assert (p.stdout + p.stderr).count("calibration: none:") == 1
