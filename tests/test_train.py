@@ -1,8 +1,6 @@
 """The training loop: determinism, checkpoints, resume after SIGKILL, DDP equivalence, registration."""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli_env, run_cli
-from medcfx.train import (Batch, TrainConfig, balanced_batches, ema_update, fit, generator, load_checkpoint,
+from medcfx.train import (Batch, TrainConfig, balanced_batches, ema_update, fit, load_checkpoint,
                           save_checkpoint, uniform_batches)
 
 
