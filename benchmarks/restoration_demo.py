@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from medcfx.evaluation import flat_metrics
 import os
 import platform
 import subprocess
@@ -65,12 +67,11 @@ def ensure_model(ref: str, train_args: list, env) -> dict:
 def evaluate(method: str, model: str, data: Path, out: Path, opts: list, env) -> dict:
     if not (out / "metrics.json").exists():
         medcfx(["evaluate", method, "--model", model, "--data", data, "--out", out, "--device", "cpu", *opts], env)
-    return json.loads((out / "metrics.json").read_text())["metrics"]
+    return flat_metrics(json.loads((out / "metrics.json").read_text()))
 
 
 def figure(env, models: str, test: Path, path: Path, n: int = 4, steps: int = 50) -> None:
     """Input, restoration, 1 - SSIM map and mask for ``n`` test slices with the largest lesions."""
-    import copy
 
     import numpy as np
     import torch

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from medcfx.evaluation import flat_metrics
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def demo_dice(args) -> list[dict]:
                *(["--bf16"] if bf16 else []), *(["--solver", solver] if solver != "ddim" else []), "--out", str(d)]
         if not (d / "metrics.json").exists():
             subprocess.run(cmd, check=True, capture_output=True)
-        m = json.loads((d / "metrics.json").read_text())["metrics"]
+        m = flat_metrics(json.loads((d / "metrics.json").read_text()))
         out.append({"steps": steps, "bf16": bf16, "solver": solver, "ideal_Dice": m["pixel_ideal_Dice"],
                     "AUPRC": m["pixel_AUPRC"],
                     "command": " ".join(cmd[2:-2])})

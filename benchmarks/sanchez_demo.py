@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from medcfx.evaluation import flat_metrics
 import os
 import subprocess
 import sys
@@ -100,7 +102,7 @@ def main() -> None:
         cmd = ["evaluate", method, *(["--model", have[model]] if model else []), *common, "--out", out, *extra]
         if not (args.reuse and (out / "metrics.json").exists()):
             sh(MEDCFX + cmd, log)
-        m = json.loads((out / "metrics.json").read_text())["metrics"]
+        m = flat_metrics(json.loads((out / "metrics.json").read_text()))
         results.append({"table": table, "label": label, "trained_on": trained_on, "metrics": m,
                         "command": "medcfx " + " ".join(map(str, cmd))})
     if args.rows:

@@ -256,6 +256,15 @@ def report(request, method: str, model: str, cm, context: dict, n_resamples: int
     return {"printed": True, **values, **summary["counts"]}
 
 
+def flat_metrics(report: dict) -> dict:
+    """One flat dict from a ``metrics.json`` written by :func:`report`, for scripts: every metric, the counts,
+    ``slices`` / ``seconds_per_slice``, and ``pixel_ideal_Dice`` (= the oracle ``pixel_ideal_Dice_oracle``,
+    the name older benchmark scripts and tables use)."""
+    m = {k: (math.nan if v is None else v) for k, v in report["metrics"].items()}
+    return {**m, **report.get("counts", {}), "pixel_ideal_Dice": m.get("pixel_ideal_Dice_oracle", math.nan),
+            "slices": report.get("slices"), "seconds_per_slice": report.get("seconds_per_slice")}
+
+
 def _label(key: str) -> str:
     from medcfx.case_metrics import metric_label
 
