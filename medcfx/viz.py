@@ -1,7 +1,9 @@
 """Small picture helpers shared by every method: windowing, a colormap, overlays, panels, a line plot.
 
 numpy + Pillow only (no matplotlib). Arrays are (H, W) greyscale or (H, W, 3) RGB; floats are windowed to
-uint8 with :func:`to_uint8`. Everything written to disk goes through :func:`save_png` (atomic).
+uint8 with :func:`to_uint8`. Everything written to disk goes through :func:`save_png` (atomic). The figures a
+reader has to interpret (explain's slice panels, the grade strip, a run's progress.png) are drawn with
+matplotlib in :mod:`medcfx.figures`, which writes through :func:`save_png` too.
 """
 
 from __future__ import annotations

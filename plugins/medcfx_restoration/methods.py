@@ -17,6 +17,7 @@ import copy
 import numpy as np
 import torch
 
+from medcfx import figures
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.errors import UsageError
 from medcfx.evaluation import calibrate_entry, cases_reader, evaluate_cases
@@ -51,6 +52,12 @@ EXPLAIN_EXTRA = [
     Option("slice", int, None, "explain only this slice index of a volume (default: every slice)", bounds="[0, inf)"),
     Option("display", str, None, "channel shown in the PNG panels (default: the first)"),
 ]
+# the panels' colour scales: one fixed range per kind of map, the same for every slice and case
+# (docs/methods/restoration.md). 1 - SSIM: 0 (same local structure) to 1 (uncorrelated); on the bundled demo
+# case the tumour averages 0.30. The residual is in the images' units, as sanchez's heatmap: 0 to 0.5.
+MAP_SCALES = {"ssim": figures.MapScale("anomaly map = 1 - SSIM, channel mean", 1.0),
+              "residual": figures.MapScale("anomaly map = mean |x - restoration| over channels (images in [-1, 1])",
+                                           0.5)}
 EVAL_EXTRA = [
     Option("slice_stride", int, 1, "score every k-th slice of each case (only those slices' voxels count)",
            bounds="[1, inf)"),
@@ -137,8 +144,6 @@ class Sampler:
                             **said})
 
     def _explain_case(self, request, mapper: Mapper, case, bs: int, point) -> dict:
-        from medcfx import viz
-
         show = _display_channel(case.channels, request.options.get("display"))
         x_all = torch.from_numpy(np.ascontiguousarray(case.images))
         restored, maps = [], []
@@ -159,24 +164,17 @@ class Sampler:
                 write_native(case, folder, "mask", decision.mask)
             for c, name in enumerate(case.channels):
                 write_map(case, folder, f"{label}_{name}", (rest[:, c] + 1) / 2)
-            (folder / "panels").mkdir()
-            vmax = float(np.percentile(amap, 99.5)) or 1.0
-            for j, k in enumerate(case.slice_index):
-                img = viz.to_uint8(case.images[j, show], -1, 1)
-                over = viz.overlay(img, viz.heat_rgb(amap[j], vmax=vmax))
-                if decision is not None:  # the operating point's outline, on the model-sized slice shown
-                    over = viz.outline(over, amap[j] > np.float32(decision.threshold))
-                tiles = [img, viz.to_uint8(rest[j, show], -1, 1), viz.heat_rgb(amap[j], vmax=vmax), over]
-                titles = ["input", label if len(mapper.members) == 1 else f"{label} (model 1)",
-                          "1 - SSIM" if mapper.params.map == "ssim" else "|residual|", "overlay"]
-                if case.masks is not None:
-                    tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
-                    titles.append("mask")
-                viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
+            scale = MAP_SCALES[mapper.params.map]
+            figures.CasePanels(case, [("input", case.images[:, show]),
+                                      (label if len(mapper.members) == 1 else f"{label} (model 1)", rest[:, show])],
+                               amap_native, scale, channel=case.channels[show],
+                               model=", ".join(m.ref for m in mapper.members),
+                               map_title="1 - SSIM" if mapper.params.map == "ssim" else "|residual|", overlay=True,
+                               decision=decision).write(folder)
             params = {"method": self.method, **mapper.params.__dict__, "batch_size": bs,
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
-                      **mapper.describe()}
+                      "panel_colour_scale": [scale.vmin, scale.vmax], **mapper.describe()}
             entry = mapper.members[0].entry
             write_json(folder / "provenance.json", record(request, entry, params, [case.source], case=case.id,
                                                           slices=[int(k) for k in case.slice_index], notes=case.notes,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medcfx import figures
 from medcfx.config import deep_merge
 from medcfx.data.preprocess import PreprocessConfig
 from medcfx.diffusion import Schedule, log_prob_gradient
@@ -72,6 +73,11 @@ SELF_CHECK_LIMIT = 0.03
 SELF_CHECK = Option("self_check_slices", int, 2, "slices per case whose unguided encode/decode is checked against "
                                                  "the input (0: none; each costs one more counterfactual)",
                     bounds="[0, inf)")
+# the panels' colour scales: one fixed range per kind of map, the same for every slice and case
+# (docs/methods/sanchez.md). 0.5 = a quarter of the intensity range; the bundled sanchez-demo's heatmap of
+# its demo case peaks at 0.38 (mean 0.16 inside the tumour), so the tumour sits mid-scale, unsaturated.
+HEAT_SCALE = figures.MapScale("heatmap = mean |x - x_cf| over channels (images in [-1, 1])", 0.5)
+THRESHOLD_SCALE = figures.MapScale("heatmap = normalised intensity (x + 1) / 2", 1.0)
 DECISION_EXTRA = [
     Option("operating_point", str, None, "calibrated threshold for mask.nii.gz: fpr<N> (default) or valDice"),
     Option("min_size", int, 1, "smallest lesion component kept, in voxels (pixels in 2D)", bounds="[1, inf)"),
@@ -243,8 +249,6 @@ class Sampler:
                             **said})
 
     def _explain_case(self, request, entry, mapper, case, bs: int, point) -> dict:
-        from medcfx import viz
-
         show = _display_channel(case.channels, request.options.get("display"))
         x_all = torch.from_numpy(np.ascontiguousarray(case.images))
         cfs, maps = [], []
@@ -267,24 +271,17 @@ class Sampler:
             if self.method != "threshold":
                 for c, name in enumerate(case.channels):
                     files.append(write_map(case, folder, f"counterfactual_{name}", (x_cf[:, c] + 1) / 2))
-            (folder / "panels").mkdir()
-            vmax = float(np.percentile(hm, 99.5)) or 1.0
-            for j, k in enumerate(case.slice_index):
-                img = case.images[j, show]
-                over = viz.overlay(viz.to_uint8(img, -1, 1), viz.heat_rgb(hm[j], vmax=vmax))
-                title = "heatmap"
-                if decision is not None:  # the operating point's outline, on the model-sized slice shown
-                    over = viz.outline(over, hm[j] > np.float32(decision.threshold))
-                    title = f"heatmap, > {decision.name}"
-                tiles = [viz.to_uint8(img, -1, 1), viz.to_uint8(x_cf[j, show], -1, 1), over]
-                titles = ["input", "counterfactual" if self.method != "threshold" else "input", title]
-                if case.masks is not None:
-                    tiles.append(viz.to_uint8(case.masks[j].astype(np.float32), 0, 1))
-                    titles.append("mask")
-                viz.save_png(viz.panel(tiles, titles, scale=3), folder / "panels" / f"slice_{int(k):03d}.png")
+            scale = THRESHOLD_SCALE if self.method == "threshold" else HEAT_SCALE
+            tiles = [("input", case.images[:, show])]
+            if self.method != "threshold":
+                tiles.append(("counterfactual", x_cf[:, show]))
+            figures.CasePanels(case, tiles, heat, scale, channel=case.channels[show],
+                               model=entry.ref if entry is not None else "none (threshold)", map_title="heatmap",
+                               decision=decision).write(folder)
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
-                      "display_channel": case.channels[show], "model_size": int(case.images.shape[-1])}
+                      "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
+                      "panel_colour_scale": [scale.vmin, scale.vmax]}
             extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check,
                      "image_score": image_score(case, heat), "most_anomalous_slice": most_anomalous(case, hm)}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
