@@ -163,14 +163,15 @@ class GraderSampler:
                     for n in names:
                         _png(to_display(a.frames[n]), tmp / f"{n}.png")
                         _png(heat_rgb(_heat(x, a.frames[n]), vmax), tmp / f"diff_{n}.png")
-                    # the strip: input, then one frame per grade with the regressed score of the generated image
-                    top = [to_display(x)] + [to_display(a.frames[n]) for n in names]
-                    top_t = [f"input {p['grade']:.2f}"] + [f"G{_gname(g)}: {a.scores[n]['grade']:.2f}"
-                                                           for g, n in zip(grades, names)]
-                    bottom = [to_display(a.frames["counterfactual"])] + [heat_rgb(_heat(x, a.frames[n]), vmax)
-                                                                         for n in names]
-                    bottom_t = [f"flip {a.scores['counterfactual']['grade']:.2f}"] + [f"|x-G{_gname(g)}|" for g in grades]
-                    _png(grid([top, bottom], [top_t, bottom_t], scale=3), tmp / "strip.png")
+                    # the strip (strip.py): the input and one frame per target grade with the grade read back
+                    # from it, the reflection and the difference maps below, on the input's grid, with a legend
+                    # and a note for each target that was not reached
+                    from medcfx_diffae.strip import target_check, write_strip
+
+                    targets = target_check(grades, names, a.scores)
+                    write_strip(tmp / "strip.png", Path(path), loaded.preprocess, loaded.model.channels, x, a,
+                                grades, names, targets, quality, cname,
+                                title=f"{Path(path).name}  |  grader {gentry.ref}  |  autoencoder {loaded.entry.ref}")
                     _png(grid([[to_display(x), to_display(a.frames["reconstruction"]),
                                 heat_rgb(_heat(x, a.frames["reconstruction"]), vmax),
                                 to_display(a.frames["counterfactual"]),
@@ -184,6 +185,7 @@ class GraderSampler:
                         "probability": p["probability"], "distance": p["distance"],
                         "reconstruction": rec,
                         "frames": {n: {**a.targets.get(n, {}), "score": a.scores[n]} for n in a.frames},
+                        "targets": targets,
                         "quality": quality,
                     }
                     write_json(tmp / "result.json", result)
@@ -197,6 +199,8 @@ class GraderSampler:
                 request.log(f"{Path(path).name}: grade {p['grade']:.2f} -> G{int(p['grade_rounded'])} | "
                             f"P(positive) {p['probability']:.3f} | distance {p['distance']:+.3f} ({cname}) | "
                             f"{cq.case_line(quality)} | -> {folder}")
+                if targets["note"]:
+                    request.log(f"note: {Path(path).name}: {targets['note']}")
                 if quality["inversion"]["flagged"]:
                     request.log(cq.warning_text(path, quality["inversion"]))
         _flag_summary(request, results, limit)
