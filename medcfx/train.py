@@ -506,6 +506,7 @@ def fit(
                         stopped = True
             if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopped):
                 save_checkpoint(run, step, model, ema, opt, {"best_val": best_val, "since_best": since_best})
+                write_progress(run, losses, val_hist)  # progress.png follows the run, one redraw per checkpoint
             if stopped:
                 break
     finally:
@@ -534,12 +535,16 @@ def _write_summary(run: Path, step: int, losses, val_hist, seconds: float, stopp
         "stopped_early": stopped,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    from medcfx.viz import line_plot
+    write_progress(run, losses, val_hist)
 
-    series = {"loss": [v for _, v in losses]}
-    if val_hist:
-        series["val"] = [v for _, v in val_hist]
-    line_plot(series, run / "progress.png", title=f"{run.parent.parent.name}/{run.parent.name}/{run.name}")
+
+def write_progress(run: Path, losses, val_hist) -> Path:
+    """RUN/progress.png: the training loss (and the validation loss when there is one) against the step,
+    with labelled axes (:func:`medcfx.figures.training_plot`; about 0.1 s, redrawn at every checkpoint)."""
+    from medcfx.figures import training_plot
+
+    return training_plot(losses, val_hist, run / "progress.png",
+                         title=f"{run.parent.parent.name}/{run.parent.name}/{run.name}")
 
 
 # ----------------------------------------------------------------------------------------------------------
