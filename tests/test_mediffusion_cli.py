@@ -104,9 +104,9 @@ def test_explain_with_several_targets_writes_counterfactual_map_panel_and_proven
     run_cli(["explain", png, data / "images" / "img_03.png", "--method", "mediffusion",
              "--target", "no-cardiomegaly,effusion", "--steps", "5", "--out", out], env=_env(home), check=0)
     folder = out / "img_00"
-    assert sorted(p.name for p in folder.iterdir()) == ["counterfactual.png", "difference.png", "panel.png", "provenance.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["counterfactual.png", "heatmap.png", "panel.png", "provenance.json"]
     assert Image.open(folder / "counterfactual.png").size == (24, 24)  # back on the input's grid
-    assert Image.open(folder / "difference.png").mode == "RGB"
+    assert Image.open(folder / "heatmap.png").mode == "RGB"
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["params"]["targets"] == ["no-cardiomegaly", "effusion"]
     assert prov["params"]["t"] == 300 and prov["params"]["scales"] == [500.0, 200.0]  # paper defaults

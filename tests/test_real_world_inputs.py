@@ -387,7 +387,7 @@ def test_dicom_series_folder_is_explained_like_its_nifti(tmp_path, home):
     env = cli_env(home)
     for src, out in ((t2, tmp_path / "a"), (series, tmp_path / "b")):
         run_cli(["explain", src, "--model", "restoration-demo", "--slice", "6", "--out", out], env=env, check=0)
-    (da, aa), (db, ab) = world(next((tmp_path / "a").rglob("anomaly_map.nii.gz"))), world(next((tmp_path / "b").rglob("anomaly_map.nii.gz")))
+    (da, aa), (db, ab) = world(next((tmp_path / "a").rglob("heatmap.nii.gz"))), world(next((tmp_path / "b").rglob("heatmap.nii.gz")))
     np.testing.assert_allclose(ab, aa, atol=1e-4)
     np.testing.assert_allclose(db, da, atol=1e-5)
     assert da.max() > 0

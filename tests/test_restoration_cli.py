@@ -61,8 +61,8 @@ def test_explain_writes_map_restoration_panels_and_provenance_on_the_input_grid(
     explain(setup, "one", "--model", "rst-a")
     folder = setup["root"] / "one" / "demo_00000"
     t2 = nib.load(str(setup["case"] / "demo_00000_t2.nii.gz"))
-    amap = nib.load(str(folder / "anomaly_map.nii.gz"))
-    rest = nib.load(str(folder / "restoration_t2.nii.gz"))
+    amap = nib.load(str(folder / "heatmap.nii.gz"))
+    rest = nib.load(str(folder / "counterfactual_t2.nii.gz"))
     assert amap.shape == rest.shape == t2.shape
     np.testing.assert_allclose(amap.affine, t2.affine)
     m = np.asarray(amap.dataobj)
@@ -85,7 +85,7 @@ def test_two_fold_models_average_like_a_registered_ensemble(setup):
     run_cli(["restoration-ensemble", "rst-a,rst-b", "--name", "rst-ens"], env=setup["env"], check=0)
     explain(setup, "ens", "--model", "rst-ens", "--slice", k)
     explain(setup, "single", "--model", "rst-a", "--slice", k)
-    maps = {n: np.asarray(nib.load(str(setup["root"] / n / "demo_00000" / "anomaly_map.nii.gz")).dataobj)
+    maps = {n: np.asarray(nib.load(str(setup["root"] / n / "demo_00000" / "heatmap.nii.gz")).dataobj)
             for n in ("pair", "ens", "single")}
     np.testing.assert_allclose(maps["pair"], maps["ens"], atol=1e-6)
     assert not np.allclose(maps["pair"], maps["single"])
@@ -115,7 +115,7 @@ def test_baseline_and_errors(setup):
             env=env, cwd=root, check=0)
     assert Registry(setup["home"], bundled=False).resolve("recon").config["network"]["cond_image_channels"] == 0
     explain(setup, "recon", "--model", "recon", "--slice", "12", "--noise-level", "0.3")
-    assert (root / "recon" / "demo_00000" / "reconstruction_t2.nii.gz").exists()
+    assert (root / "recon" / "demo_00000" / "counterfactual_t2.nii.gz").exists()  # one name per kind of output
     bad = explain(setup, "x1", "--model", "rst-a", "--map", "l2", check=2)
     assert "--map" in bad.stderr
     bad = explain(setup, "x2", "--method", "recon-ddpm", "--model", "rst-a", check=2)
@@ -137,7 +137,7 @@ def test_onnx_and_bf16_backends_follow_the_torch_maps(setup):
     for name, flags in (("torch", []), ("onnx", ["--backend", "onnx"]), ("bf16", ["--bf16"])):
         explain(setup, f"be-{name}", "--model", "rst-a", "--slice", "12", "--map", "residual", *flags)
         folder = root / f"be-{name}" / "demo_00000"
-        maps[name] = np.asarray(nib.load(str(folder / "anomaly_map.nii.gz")).dataobj)
+        maps[name] = np.asarray(nib.load(str(folder / "heatmap.nii.gz")).dataobj)
         params = json.loads((folder / "provenance.json").read_text())["params"]
         assert params["backend"] == ("onnx" if name == "onnx" else "torch") and params["bf16"] == (name == "bf16")
     np.testing.assert_allclose(maps["onnx"], maps["torch"], atol=1e-3)
@@ -156,7 +156,7 @@ def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tm
     sick = ROOT / "models" / "demo-inputs" / "brain" / "demo_case"
     run_cli(["explain", sick, "--model", "restoration-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env,
             check=0)
-    s = nib.load(str(tmp_path / "o" / "demo_case" / "anomaly_map.nii.gz")).get_fdata()
+    s = nib.load(str(tmp_path / "o" / "demo_case" / "heatmap.nii.gz")).get_fdata()
     seg = nib.load(str(sick / "demo_case_seg.nii.gz")).get_fdata() > 0
     assert float(s[seg].mean()) > 3 * float(s[~seg & (s > 0)].mean())  # the map concentrates on the lesion
     healthy = make_demo("brain", tmp_path / "h", cases=1, seed=11, shape=(120, 120, 78), tumour_free_fraction=1.0)
@@ -165,7 +165,7 @@ def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tm
         nib.save(nib.load(str(f)).slicer[:, :, 36:42], str(f))
     run_cli(["explain", case, "--model", "restoration-demo", "--out", tmp_path / "o", "--device", "cpu"], env=env,
             check=0)
-    h = nib.load(str(tmp_path / "o" / case.name / "anomaly_map.nii.gz")).get_fdata()
+    h = nib.load(str(tmp_path / "o" / case.name / "heatmap.nii.gz")).get_fdata()
     brain = nib.load(str(case / f"{case.name}_t2.nii.gz")).get_fdata() > 0
     lesion = float(s[seg].mean())
     assert float(h[brain].mean()) < lesion / 3  # a healthy brain scores far below a tumour ...

@@ -181,7 +181,7 @@ def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: P
     with OutputDir(final.parent, final.name) as folder:
         viz.save_png(_gray_u8(geom.to_original(u_cf[None])), folder / "counterfactual.png")
         orig_diff = geom.to_original(diff[None])
-        viz.save_png(viz.heat_rgb(orig_diff, vmax=max(float(diff.max()), 1e-6)), folder / "difference.png")
+        viz.save_png(viz.heat_rgb(orig_diff, vmax=max(float(diff.max()), 1e-6)), folder / "heatmap.png")
         decision = None
         if point is not None:
             mask, decision = decide_image(orig_diff, point, targets, dicom_pixel_spacing(path))

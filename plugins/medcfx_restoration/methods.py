@@ -5,7 +5,7 @@
 ``recon-ddpm``   baseline: an unconditional DDPM on the same healthy slices; noise the input to a level and
                  denoise it (reconstruction-based anomaly detection).
 
-Both write, per case: ``anomaly_map`` and ``restoration_<channel>`` (NIfTI on the input's grid for volumes,
+Both write, per case: ``heatmap`` (the anomaly map) and ``counterfactual_<channel>`` (the restoration; one name per kind of output across methods, README "Outputs") (NIfTI on the input's grid for volumes,
 .npy for 2D images), ``panels/slice_NNN.png`` and ``provenance.json``. ``evaluate`` reports image AP / AUROC
 (score = mean of the map) and pixel AP / ideal Dice with the shared evaluation code.
 """
@@ -159,11 +159,11 @@ class Sampler:
         if point is not None:
             decision = decide(case, amap_native, point[0], point[1], int(request.options.get("min_size") or 1))
         with OutputDir(request.out, case.id) as folder:
-            write_native(case, folder, "anomaly_map", amap_native)
+            write_native(case, folder, "heatmap", amap_native)
             if decision is not None:
                 write_native(case, folder, "mask", decision.mask)
             for c, name in enumerate(case.channels):
-                write_map(case, folder, f"{label}_{name}", (rest[:, c] + 1) / 2)
+                write_map(case, folder, f"counterfactual_{name}", (rest[:, c] + 1) / 2)
             scale = MAP_SCALES[mapper.params.map]
             figures.CasePanels(case, [("input", case.images[:, show]),
                                       (label if len(mapper.members) == 1 else f"{label} (model 1)", rest[:, show])],
