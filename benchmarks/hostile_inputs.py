@@ -110,6 +110,7 @@ def _cases() -> list[Case]:
         # outputs that cannot be written
         Case("explain --out is a file", [*ex, "--out", "afile.txt", *FAST]),
         Case("explain --out under a file", [*ex, "--out", "afile.txt/sub", *FAST]),
+        Case("explain --out is the data folder", ["explain", "brain", "--method", "threshold", "--out", "brain"]),
         Case("data prepare --cache under a file", ["data", "prepare", "brain", "--cache", "afile.txt/c"]),
         Case("train --runs-dir under a file", [*tr[:6], "--runs-dir", "afile.txt/runs"]),
         Case("models export into a missing folder", ["models", "export", "sanchez-demo", "nofolder/m.tar"]),

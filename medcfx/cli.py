@@ -274,7 +274,7 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
         out = default_out(out_base, m, registry, model)
         err_console.print(f"--out not given: writing to {out}", highlight=False, markup=False)
     if out is not None:
-        check_output_folder(out, "--out")
+        check_output_folder(out, "--out", inputs=kw.get("inputs") or [kw.get("data")])
     device = resolve_device(device)
     if out is not None:
         staging.sweep(out)  # temporaries of killed runs (dead processes only)

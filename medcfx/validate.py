@@ -17,11 +17,21 @@ __all__ = ["check_fixed_by_model", "check_output_folder", "check_train_request"]
 _MISSING = object()
 
 
-def check_output_folder(path: str | Path, option: str) -> Path:
+def check_output_folder(path: str | Path, option: str, inputs=()) -> Path:
     """Refuse ``path`` as a folder to write into (given as ``option``, e.g. ``--out``) when it cannot become
-    one: it is an existing file, a path under a file, or its nearest existing ancestor is not writable.
-    Nothing is created. Returns ``path``."""
+    one: it is an existing file, a path under a file, or its nearest existing ancestor is not writable; or
+    when it is one of ``inputs`` or contains one (a case folder written there could replace the input it was
+    made from: ``explain brats/ --out brats/``). An output inside an input folder is allowed (a BIDS
+    ``derivatives/`` folder). Nothing is created. Returns ``path``."""
     path = Path(path)
+    here = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if src == here or here in src.parents:
+            raise UsageError(f"{option} {path}: it {'is' if src == here else 'contains'} the input {given}; "
+                             f"write the outputs to a folder outside the data")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path}: a file exists there; give a folder")
     probe = path

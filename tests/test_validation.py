@@ -242,3 +242,19 @@ def test_sanchez_explain_is_bitwise_reproducible_at_one_thread_count_and_close_a
     assert np.array_equal(maps["a"], maps["b"])
     assert maps["a"].max() > 0.05  # a real map, not all zeros
     np.testing.assert_allclose(maps["c"], maps["a"], rtol=0, atol=1e-4)
+
+
+def test_out_that_is_or_contains_an_input_is_refused_before_anything_is_touched(home, tmp_path):
+    """explain data/ --out data/ would write case folders named like the input cases over them."""
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_CASE, data / "demo_case")
+    before = sorted(p.name for p in (data / "demo_case").iterdir())
+    env = cli_env(home)
+    for out in (data, tmp_path):
+        p = run_cli(["explain", data, "--method", "threshold", "--out", out], env=env)
+        assert p.returncode == 2 and "write the outputs to a folder outside the data" in p.stderr, p.stderr
+    assert sorted(p.name for p in (data / "demo_case").iterdir()) == before
+    run_cli(["explain", data, "--method", "threshold", "--out", data / "derivatives" / "medcfx"], env=env, check=0)
+    assert (data / "derivatives" / "medcfx" / "demo_case" / "heatmap.nii.gz").exists()  # inside the data: fine
+    with pytest.raises(UsageError, match="contains the input"):
+        check_output_folder(tmp_path, "--out", inputs=[data])
