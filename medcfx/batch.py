@@ -8,6 +8,8 @@
   method, the model's sha256, its calibration, every option, the config's explain section, backend, bf16
   and seed) is skipped without being read; ``--overwrite`` redoes it.
 - Progress on stderr: a bar (cases, ETA) on a terminal, else a plain ``progress:`` line at most every 30 s.
+- A BIDS input also gets its outputs laid out as the derivative dataset ``--out/derivatives/medcfx``
+  (:mod:`medcfx.bids_out`).
 - ``summary.csv`` and ``summary.json`` in ``--out``: one row per case folder there (built from the
   provenance files, so they include cases written by earlier runs and other parts; rebuilt by every run),
   plus one row per case that failed in this run, with its error. A failed case never stops the others; the
@@ -61,6 +63,12 @@ def resume_key(request, entry) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _is_bids(path: Path) -> bool:
+    """Whether an input is (part of) a BIDS dataset: its folder, or a parent, holds dataset_description.json."""
+    path = path.resolve()
+    return any((p / "dataset_description.json").is_file() for p in (path, *path.parents) if p.is_dir())
+
+
 def _complete(folder: Path, key: str) -> bool:
     try:
         return json.loads((folder / "provenance.json").read_text()).get("resume_key") == key
@@ -97,6 +105,11 @@ def run_explain(request, cfg, channels: int, entry, explain_case: Callable[[Inpu
     failed = [str(f) for f in log.failures]
     if out.is_dir():
         write_summary(out, failed)
+        bids = [Path(p) for p in request.inputs if _is_bids(Path(p))]
+        if bids:
+            from medcfx.bids_out import write_derivative
+
+            write_derivative(out, bids)
     summary = {**summary, "cases": results, "skipped": skipped}
     if n_parts > 1:
         summary["part"] = f"{part} of {n_parts}"
