@@ -200,7 +200,7 @@ def test_explain_threshold_writes_one_case_folder_per_session_on_the_input_grid(
     out = tmp_path / "out"
     run_cli(["explain", root, "--method", "threshold", "--set", "preprocess.modalities=[t1,t2,flair]",
              "--out", out], env=env, check=0)
-    cases = sorted(p.name for p in out.iterdir() if p.is_dir())
+    cases = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "derivatives")  # the BIDS view
     assert cases == ["sub-01", "sub-02_ses-1", "sub-02_ses-2"]
     for cid in cases:
         heat = nib.load(str(out / cid / "heatmap.nii.gz"))
