@@ -68,7 +68,8 @@ EVAL_EXTRA = [
 ]
 # the inversion self-check: mean |x - reconstruction| in [0, 1] intensity units per slice. Measured with the
 # bundled sanchez-demo at the default settings on 4 demo brains, 6 slices each: 0.006-0.016 (the largest on
-# the outermost slices); a slice above twice the largest of those is flagged (docs/methods/sanchez.md).
+# the outermost slices); a slice above twice the largest of those is flagged (benchmarks/self_check.py,
+# docs/operating-points.md).
 SELF_CHECK_LIMIT = 0.03
 SELF_CHECK = Option("self_check_slices", int, 2, "slices per case whose unguided encode/decode is checked against "
                                                  "the input (0: none; each costs one more counterfactual)",
