@@ -21,8 +21,8 @@ def check_output_folder(path: str | Path, option: str, inputs=()) -> Path:
     """Refuse ``path`` as a folder to write into (given as ``option``, e.g. ``--out``) when it cannot become
     one: it is an existing file, a path under a file, or its nearest existing ancestor is not writable; or
     when it is one of ``inputs`` or contains one (a case folder written there could replace the input it was
-    made from: ``explain brats/ --out brats/``). An output inside an input folder is allowed (a BIDS
-    ``derivatives/`` folder). Nothing is created. Returns ``path``."""
+    made from: ``explain brats/ --out brats/``), or lies inside an input folder (the next run would read it as
+    a case), except under a BIDS dataset's ``derivatives/``. Nothing is created. Returns ``path``."""
     path = Path(path)
     here = path.resolve()
     for given in inputs:
@@ -32,6 +32,10 @@ def check_output_folder(path: str | Path, option: str, inputs=()) -> Path:
         if src == here or here in src.parents:
             raise UsageError(f"{option} {path}: it {'is' if src == here else 'contains'} the input {given}; "
                              f"write the outputs to a folder outside the data")
+        if src.is_dir() and src in here.parents and not _in_bids_derivatives(src, here):
+            raise UsageError(f"{option} {path}: it lies inside the input {given}, whose layout it would change "
+                             f"(the next run would read it as a case); write the outputs outside the data "
+                             f"(in a BIDS dataset: under its derivatives/)")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path}: a file exists there; give a folder")
     probe = path
@@ -46,6 +50,15 @@ def check_output_folder(path: str | Path, option: str, inputs=()) -> Path:
     if probe == path and not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: the folder is not writable")
     return path
+
+
+def _in_bids_derivatives(src: Path, out: Path) -> bool:
+    """Whether ``out`` lies under the ``derivatives/`` folder of the BIDS dataset ``src`` (or of the BIDS
+    dataset ``src`` belongs to), which BIDS readers never take for subjects."""
+    for root in (src, *src.parents):
+        if (root / "dataset_description.json").is_file():
+            return (root / "derivatives") in (out, *out.parents)
+    return False
 
 
 def check_train_request(config: dict, name: str | None, runs_dir: str | Path) -> None:
