@@ -38,7 +38,9 @@ def add_calibrate_command(app: typer.Typer) -> None:
 
         typer.echo(str(write_report_html(out)))
 
-    @app.command(context_settings=EXTRA)
+    @app.command(context_settings=EXTRA, epilog="The method's sampling options (--steps, --guidance, "
+                 "--max-slices, ...; `medcfx methods NAME` lists them) are given as for evaluate; the thresholds "
+                 "hold for the maps of those settings.")
     def calibrate(
         ctx: typer.Context,
         model: str = typer.Argument(..., help="Model reference (name, name:version or sha256:prefix)."),
