@@ -141,3 +141,29 @@ def test_log_prob_gradient_through_a_classifier_module_and_shape_check():
     assert all(p.grad is None for p in clf.parameters())  # gradient taken w.r.t. x only
     with pytest.raises(UsageError):
         log_prob_gradient(lambda xg, t, c: xg.sum())(x, None, cond)
+
+
+def test_guidance_interval_guides_inside_and_uses_the_plain_branch_outside():
+    """Kynkaanniemi et al. 2024: guided at lo <= t <= hi (inclusive), the conditional branch alone elsewhere;
+    a batch that straddles the bounds is mixed per sample, the expected values from separate calls."""
+    from medcfx.diffusion import guidance_interval
+
+    x, t, cond = _inputs(2)  # t = 5, 500, 990
+    ref = CountingDenoiser()
+    guided_ref = classifier_free(ref, 3.0, NULL)(x, t, cond)
+    plain_ref = ref(x, t, cond)
+    den = CountingDenoiser()
+    f = guidance_interval(classifier_free(den, 3.0, NULL), den, 5, 500)
+    out = f(x, t, cond)
+    torch.testing.assert_close(out[:2], guided_ref[:2], rtol=0, atol=0)  # t = 5 and 500: both bounds inside
+    torch.testing.assert_close(out[2:], plain_ref[2:], rtol=0, atol=0)
+    den.calls.clear()
+    t_out = torch.full((3,), 990)
+    assert torch.equal(f(x, t_out, cond), ref(x, t_out, cond))
+    assert [c["batch"] for c in den.calls] == [3]  # one forward of B, no null branch
+    den.calls.clear()
+    t_in = torch.full((3,), 250)
+    assert torch.equal(f(x, t_in, cond), classifier_free(ref, 3.0, NULL)(x, t_in, cond))
+    assert [c["batch"] for c in den.calls] == [6]
+    with pytest.raises(UsageError, match="t_lo <= t_hi"):
+        guidance_interval(den, den, 600, 500)

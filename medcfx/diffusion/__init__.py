@@ -14,6 +14,7 @@ from medcfx.diffusion.ddim import (
     ddpm_step,
     decode,
     dpmpp2m_step,
+    dpmpp3m_step,
     encode,
     eps_from_x0,
     predict_eps,
@@ -21,7 +22,7 @@ from medcfx.diffusion.ddim import (
     sample,
 )
 from medcfx.diffusion.denoiser import TorchDenoiser
-from medcfx.diffusion.guidance import classifier_free, classifier_gradient, log_prob_gradient
+from medcfx.diffusion.guidance import classifier_free, classifier_gradient, guidance_interval, log_prob_gradient
 from medcfx.diffusion.normalize import dynamic_normalise, dynamic_threshold_values, static_clip
 from medcfx.diffusion.schedule import BETA_KINDS, Respaced, Schedule, make_betas, parse_respacing
 
@@ -40,10 +41,12 @@ __all__ = [
     "ddpm_step",
     "decode",
     "dpmpp2m_step",
+    "dpmpp3m_step",
     "dynamic_normalise",
     "dynamic_threshold_values",
     "encode",
     "eps_from_x0",
+    "guidance_interval",
     "log_prob_gradient",
     "make_betas",
     "parse_respacing",
