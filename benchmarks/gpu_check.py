@@ -392,7 +392,7 @@ def stage_sample(ctx: Context, kind: str) -> dict:
         path = SamplingPath(what, onnx=den)
     unet.to(device)
     schedule = Schedule.create("linear", 1000)
-    n_fwd = forwards_per_slice(s.sample_steps, 0.75, True)
+    n_fwd = forwards_per_slice(schedule, s.sample_steps, 0.75, True)
     figures = []
     for b in s.batches:
         x = example_batch(unet, b).to(device)

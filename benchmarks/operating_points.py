@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROWS = [  # (label, evaluate arguments)
     ("threshold (FLAIR intensity)", ["threshold"]),
-    ("sanchez-demo (cfg w=3, L=0.75, 100 DDIM steps)", ["sanchez", "--model", "sanchez-demo"]),
+    ("sanchez-demo (cfg w=3, L=0.75, 100 DDIM steps)", ["sanchez", "--model", "sanchez-demo", "--sampler", "paper"]),
     ("restoration-demo (1 - SSIM, 50 steps)", ["restoration", "--model", "restoration-demo"]),
 ]
 COLUMNS = [("pixel AP", "pixel_AUPRC"), ("pixel AUROC", "pixel_AUROC"),

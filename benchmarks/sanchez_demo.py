@@ -99,7 +99,8 @@ def main() -> None:
         out = args.out / f"eval-{i}"
         if args.rows and i not in args.rows:
             continue
-        cmd = ["evaluate", method, *(["--model", have[model]] if model else []), *common, "--out", out, *extra]
+        paper = ["--sampler", "paper"] if method == "sanchez" else []  # the paper's loop, not the fast default
+        cmd = ["evaluate", method, *(["--model", have[model]] if model else []), *common, *paper, "--out", out, *extra]
         if not (args.reuse and (out / "metrics.json").exists()):
             sh(MEDCFX + cmd, log)
         m = flat_metrics(json.loads((out / "metrics.json").read_text()))

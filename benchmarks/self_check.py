@@ -4,8 +4,9 @@ For each case, 6 slices spread evenly: mean |x - reconstruction| in [0, 1] inten
 reconstruction is the counterfactual's encode followed by an unguided decode (the null label), at the model's
 sampling settings (``--steps`` to override). docs/operating-points.md quotes a run of::
 
-    python benchmarks/self_check.py models/demo-inputs/brain/demo_case W/brain-test   # default 100 steps
-    python benchmarks/self_check.py models/demo-inputs/brain/demo_case --steps 10
+    python benchmarks/self_check.py models/demo-inputs/brain/demo_case T              # the fast sampler
+    python benchmarks/self_check.py models/demo-inputs/brain/demo_case T --sampler paper  # 100 DDIM steps
+    python benchmarks/self_check.py models/demo-inputs/brain/demo_case --sampler paper --steps 10
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def main() -> None:
     ap.add_argument("data", nargs="+", type=Path, help="case folders or datasets")
     ap.add_argument("--model", default="sanchez-demo")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--sampler", default=None, choices=("fast", "paper"), help="default: the method's (fast)")
     ap.add_argument("--slices", type=int, default=6)
     args = ap.parse_args()
     reg, m = get_registry(), get_plugins().method("sanchez")
     entry = reg.resolve(args.model)
-    options = {"steps": args.steps} if args.steps else {}
+    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
     req = Request(command="explain", method=m, options=options, model=entry.ref, registry=reg, device="cpu",
                   config={k: v for k, v in m.defaults.items() if k != "presets"}, extra={})
     mapper = Mapper("sanchez", req, entry)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from medcfx.diffusion import TorchDenoiser, classifier_free, decode, dynamic_normalise, encode, static_clip
+from medcfx.diffusion import (
+    TorchDenoiser,
+    classifier_free,
+    decode,
+    dynamic_normalise,
+    encode,
+    guidance_interval,
+    static_clip,
+)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class SamplingPath:
     onnx: object = None  # an OnnxDenoiser
     steps: int | None = None  # None: the entry's / default steps
     solver: str = "ddim"  # or "dpm++2m" (same number of network calls per step)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # cfg only where lo <= t / T <= hi (fractions of T)
 
 
 def _two_pass_cfg(den, w: float, null: int):
@@ -74,6 +83,9 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
         x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null, device=x.device)}, x0_process=proc,
                      solver=path.solver)
         guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
+        lo, hi = path.guidance_interval
+        if (lo, hi) != (0.0, 1.0):
+            guided = guidance_interval(guided, den, lo * schedule.T, hi * schedule.T)
         x_cf = decode(guided, x_l, grid, L, cond={"y": torch.zeros(b, dtype=torch.long, device=x.device)},
                       x0_process=proc, solver=path.solver)
     else:
@@ -82,10 +94,14 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
     return (x - x_cf).abs().mean(1)
 
 
-def forwards_per_slice(steps: int, noise_level: float, guided: bool) -> int:
-    """UNet evaluations per slice: L encode calls + L decode calls of 2 branches (when guided)."""
-    L = round(noise_level * steps)
-    return L + (2 * L if guided else L)
+def forwards_per_slice(schedule, steps: int, noise_level: float, guided: bool,
+                       interval: tuple[float, float] = (0.0, 1.0)) -> int:
+    """UNet evaluations per slice, counted on the respaced grid: L encode calls, then per decode step 2
+    (both cfg branches) where guided and lo <= t / T <= hi, else 1."""
+    grid = schedule.respace(f"ddim{steps}")
+    L = grid.level_for_fraction(noise_level)
+    lo, hi = interval[0] * schedule.T, interval[1] * schedule.T
+    return L + sum(2 if guided and lo <= grid.t_of(k) <= hi else 1 for k in range(1, L + 1))
 
 
 def time_path(unet, schedule, x, path: SamplingPath, repeats: int = 1, **kw) -> tuple[float, torch.Tensor]:
@@ -135,7 +151,7 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
           "guidance": float(ex.get("guidance", 3.0)), "dn_percentile": float(ex.get("dn_percentile", 0.99))}
     gflop = count_flops(unet, unet.onnx_inputs(1)[1]) / 1e9
     guided = bool(unet.config.num_classes)
-    n_fwd = forwards_per_slice(kw["steps"], kw["noise_level"], guided)
+    n_fwd = forwards_per_slice(schedule, kw["steps"], kw["noise_level"], guided)
     tag = "" if solver == "ddim" else f", {solver}"
     paths = []
     for b in backends:

@@ -69,9 +69,11 @@ MEANINGS = {
     # counterfactual sampling (sanchez and its baselines, restoration)
     "explain.guidance": "guidance scale (classifier-free w, or the classifier-gradient scale)",
     "explain.noise_level": "encoding depth as a fraction of the respaced steps",
-    "explain.steps": "respaced sampling steps",
+    "explain.steps": "respaced sampling steps (of --sampler paper; the fast sampler has its own, docs/speed.md)",
     "explain.dn_percentile": "dynamic normalisation percentile (0: static clipping)",
-    "explain.solver": "encode/decode solver: ddim or dpm++2m",
+    "explain.solver": "encode/decode solver: ddim or dpm++2m (of --sampler paper, like explain.steps)",
+    "explain.sampler": "fast (the measured fast path: docs/speed.md) or paper (the authors' loop at explain.steps)",
+    "explain.guidance_interval": "LO:HI: guidance only where LO <= t/T <= HI (0:1: every step)",
     "explain.eval_size": "resolution of the evaluation",
     "explain.batch_size": "slices per batch",
     # method-level keys (sanchez, restoration)

@@ -125,6 +125,50 @@ def test_solver_choice_reaches_both_loops():
     assert float((ddim - got).abs().max()) > 1e-4
 
 
+def test_guidance_interval_counts_guided_steps_and_bounds_reproduce_the_one_branch_loops():
+    """--guidance-interval LO:HI guides exactly the decode steps whose model timestep t has LO <= t/T <= HI
+    (a forward of 2B, counted against the respaced grid by brute force) and runs the healthy branch alone
+    (a forward of B) at the others; the interval 0:1 is the paper's loop bit for bit, and an interval that
+    holds no decode step is bit for bit the conditional-only decode (guidance w = 1)."""
+    sched = Schedule.create("linear", 1000)
+    w = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def den(x_t, t, cond):
+        calls.append((len(x_t), int(t[0])))
+        return 0.3 * x_t + w * (cond["y"].float() - 1).reshape(-1, 1, 1, 1) * (t.float() / 1000).reshape(-1, 1, 1, 1)
+
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(6)) - 0.5
+    base = dict(noise_level=0.75, steps=40, dn_percentile=0.99)
+    for solver in ("ddim", "dpm++2m"):
+        calls.clear()
+        got = counterfactual(den, x, sched, CFParams(guidance=3.0, guidance_interval="0.2:0.5", solver=solver,
+                                                     **base).check(), null_label=2)
+        grid = sched.respace("ddim40")
+        L = grid.level_for_fraction(0.75)
+        decode_t = [grid.t_of(k) for k in range(L, 0, -1)]
+        assert [t for _, t in calls[L:]] == decode_t
+        assert [b for b, _ in calls[L:]] == [4 if 200 <= t <= 500 else 2 for t in decode_t]
+        assert 0 < sum(b == 4 for b, _ in calls[L:]) < L
+        full = counterfactual(den, x, sched, CFParams(guidance=3.0, guidance_interval="0:1", solver=solver, **base),
+                              null_label=2)
+        paper = counterfactual(den, x, sched, CFParams(guidance=3.0, solver=solver, **base), null_label=2)
+        assert torch.equal(full, paper) and float((got - paper).abs().max()) > 1e-4
+        none = counterfactual(den, x, sched, CFParams(guidance=3.0, guidance_interval="1:1", solver=solver, **base),
+                              null_label=2)
+        cond_only = counterfactual(den, x, sched, CFParams(guidance=1.0, solver=solver, **base), null_label=2)
+        assert torch.equal(none, cond_only)
+
+
+@pytest.mark.parametrize("bad", ["0.5", "a:b", "0.6:0.4", "-0.1:1", "0:1.5", "0:1:2"])
+def test_bad_guidance_intervals_are_refused_naming_the_option(bad):
+    from medcfx.errors import UsageError
+
+    with pytest.raises(UsageError, match="--guidance-interval"):
+        CFParams(guidance_interval=bad).check()
+    assert CFParams(guidance_interval="0.20:1.0").check().guidance_interval == "0.2:1"
+
+
 def test_cfg_label_dropout_rate_and_case_split():
     y = torch.zeros(20000, dtype=torch.long)
     u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
@@ -189,7 +233,9 @@ def test_explain_a_case_folder_writes_aligned_volumes_panels_and_provenance(trai
     prov = json.loads((folder / "provenance.json").read_text())
     entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
     assert prov["model_sha256"] == entry["digest"] and prov["params"]["guidance"] == 3.0
-    assert prov["params"]["noise_level"] == 0.75 and prov["params"]["steps"] == 4
+    # the fast sampler (the default) runs dpm++2m at half the model's saved 4 steps
+    assert prov["params"]["noise_level"] == 0.75 and prov["params"]["sampler"] == "fast"
+    assert prov["params"]["steps"] == 2 and prov["params"]["solver"] == "dpm++2m"
     assert prov["params"]["solver"] == "ddim"
     assert {Path(i["path"]).name for i in prov["inputs"]} >= {"demo_00001_flair.nii.gz", "demo_00001_seg.nii.gz"}
     # --slice explains one slice only, and options after the input path are understood
@@ -348,3 +394,52 @@ def test_bundled_demo_model_leaves_healthy_slices_nearly_unchanged_and_marks_les
     assert float(h[brain].mean()) < lesion / 3  # a healthy brain changes far less than a tumour does
     assert float(np.percentile(h[brain], 95)) < lesion  # and nowhere as much as inside a tumour
     assert float(s[seg].mean()) > 3 * float(s[~seg & (s > 0)].mean())  # the heatmap concentrates on the lesion
+
+
+def _request(method, options=None, explain=None):
+    from types import SimpleNamespace
+
+    from medcfx.config import deep_merge
+    from medcfx.plugins import get_plugins
+
+    m = get_plugins().method(method)
+    config = deep_merge(m.defaults, {"explain": explain or {}})
+    return SimpleNamespace(method=m, options=options or {}, config=config)
+
+
+@pytest.mark.parametrize("method, options, explain, want", [
+    # the fast sampler's own values, whatever the model saved at training
+    ("sanchez", {}, {}, ("fast", "dpm++2m", 50, "0:1")),
+    # the paper's loop: the model's saved steps and solver, guidance at every step
+    ("sanchez", {"sampler": "paper"}, {}, ("paper", "ddim", 100, "0:1")),
+    # a flag or a --set value beats the sampler's value
+    ("sanchez", {"steps": 7}, {}, ("fast", "dpm++2m", 7, "0:1")),
+    ("sanchez", {"guidance_interval": "0.3:1"}, {"steps": 30}, ("fast", "dpm++2m", 30, "0.3:1")),
+    ("sanchez", {"sampler": "paper", "solver": "dpm++2m"}, {}, ("paper", "dpm++2m", 100, "0:1")),
+    # the baselines keep the paper's loop by default
+    ("cdpm-classifier", {}, {}, ("paper", "ddim", 100, "0:1")),
+    ("cdpm-healthy", {"sampler": "fast"}, {}, ("fast", "dpm++2m", 50, "0:1")),
+])
+def test_sampler_presets_and_their_precedence(method, options, explain, want):
+    from types import SimpleNamespace
+
+    from medcfx_sanchez.methods import FAST_SAMPLER, _params
+
+    saved = SimpleNamespace(config={"explain": {"steps": 100, "solver": "ddim", "guidance": 3.0}})
+    p = _params(_request(method, options, explain), method, saved)
+    assert (p.sampler, p.solver, p.steps, p.guidance_interval) == want
+    if want[0] == "fast" and not options.keys() & {"steps", "guidance_interval"} and not explain:
+        assert (p.solver, p.steps, p.guidance_interval) == (FAST_SAMPLER["solver"],
+                                                            round(100 * FAST_SAMPLER["step_fraction"]),
+                                                            FAST_SAMPLER["guidance_interval"])
+
+
+def test_guidance_interval_is_refused_for_the_unguided_baseline():
+    from types import SimpleNamespace
+
+    from medcfx.errors import UsageError
+    from medcfx_sanchez.methods import _params
+
+    with pytest.raises(UsageError, match="--guidance-interval: cdpm-healthy decodes without guidance"):
+        _params(_request("cdpm-healthy", {"guidance_interval": "0.2:1"}), "cdpm-healthy",
+                SimpleNamespace(config={"explain": {}}))

@@ -3,6 +3,8 @@
     encode  x_0 -> x_L   with the null condition, L = round(noise_level * steps) of the respaced steps
             (DDIM inversion as in the paper; ``solver="dpm++2m"`` swaps both loops for DPM-Solver++(2M))
     decode  x_L -> x_cf  with eps = eps(null) + w (eps(healthy) - eps(null))        (implicit guidance)
+    (``guidance_interval`` "LO:HI" in t / T: guided only at those model timesteps, the healthy branch
+    alone elsewhere -- Kynkaanniemi et al. 2024; "0:1", the default, is the paper's loop)
     both with dynamic normalisation of x0_hat at every step (s = max(1, quantile(|x0_hat|, p)) per sample
     and channel, x0_hat <- clamp(x0_hat, -s, s) / s, eps re-derived), or static clipping when p = 0
     heatmap = mean over channels of |x_0 - x_cf|
@@ -27,6 +29,7 @@ from medcfx.diffusion import (
     classifier_free,
     classifier_gradient,
     decode,
+    guidance_interval,
     dynamic_normalise,
     encode,
     static_clip,
@@ -43,8 +46,11 @@ class CFParams:
     steps: int = 100  # respaced DDIM steps ("ddim100")
     dn_percentile: float = 0.99  # 0: static clip to [-1, 1] instead
     solver: str = "ddim"  # "ddim" (the paper) or "dpm++2m" (second order, for fewer steps)
+    guidance_interval: str = "0:1"  # "LO:HI": cfg only where LO <= t / T <= HI (a string: JSON-stable)
+    sampler: str = "paper"  # the --sampler the values came from (recorded; the loops read the fields above)
 
     def check(self) -> "CFParams":
+        object.__setattr__(self, "guidance_interval", format_interval(parse_interval(self.guidance_interval)))
         if not 0 < self.noise_level <= 1:
             raise UsageError(f"--noise-level must be in (0, 1], got {self.noise_level}")
         if self.steps < 1:
@@ -56,6 +62,29 @@ class CFParams:
         if self.guidance < 0:
             raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
         return self
+
+
+def parse_interval(value) -> tuple[float, float]:
+    """"LO:HI" (or a pair) -> (LO, HI), fractions of the diffusion's T with 0 <= LO <= HI <= 1.
+    Raises UsageError naming --guidance-interval otherwise."""
+    try:
+        lo, hi = (value.split(":") if isinstance(value, str) else value)
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise UsageError(f"--guidance-interval must be LO:HI (fractions of T, e.g. 0.2:1), got {value!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UsageError(f"--guidance-interval needs 0 <= LO <= HI <= 1, got {value!r}")
+    return lo, hi
+
+
+def format_interval(interval: tuple[float, float]) -> str:
+    return f"{interval[0]:g}:{interval[1]:g}"
+
+
+def _in_interval(guided, unguided, params: CFParams, T: int):
+    """``guided`` restricted to ``params.guidance_interval`` (fractions of T -> model timesteps)."""
+    lo, hi = parse_interval(params.guidance_interval)
+    return guided if (lo, hi) == (0.0, 1.0) else guidance_interval(guided, unguided, lo * T, hi * T)
 
 
 def x0_process(p: float):
@@ -73,14 +102,15 @@ def counterfactual(denoiser, x: torch.Tensor, schedule, params: CFParams, guidan
         null = torch.full((n,), null_label, dtype=torch.long, device=x.device)
         healthy = torch.full((n,), HEALTHY, dtype=torch.long, device=x.device)
         x_l = encode(denoiser, x, grid, L, cond={"y": null}, x0_process=proc, solver=params.solver)
-        guided = classifier_free(denoiser, params.guidance, null_label)
+        guided = _in_interval(classifier_free(denoiser, params.guidance, null_label), denoiser, params, schedule.T)
         return decode(guided, x_l, grid, L, cond={"y": healthy}, x0_process=proc, solver=params.solver)
     if guidance == "none":
         x_l = encode(denoiser, x, grid, L, x0_process=proc, solver=params.solver)
         return decode(denoiser, x_l, grid, L, x0_process=proc, solver=params.solver)
     if guidance == "classifier":
         x_l = encode(denoiser, x, grid, L, x0_process=proc, solver=params.solver)
-        guided = classifier_gradient(denoiser, classifier_grad, params.guidance, schedule)
+        guided = _in_interval(classifier_gradient(denoiser, classifier_grad, params.guidance, schedule), denoiser,
+                              params, schedule.T)
         return decode(guided, x_l, grid, L, x0_process=proc, solver=params.solver)
     raise UsageError(f"unknown guidance kind {guidance!r}")
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,14 @@ from .train import saved_config, train_classifier, train_diffusion
 
 GUIDANCE_KIND = {"sanchez": "cfg", "cdpm-healthy": "none", "cdpm-classifier": "classifier"}
 DEFAULT_GUIDANCE = {"sanchez": 3.0, "cdpm-healthy": 0.0, "cdpm-classifier": 100.0}
+# --sampler: "paper" is the authors' loop (DDIM at the model's explain.steps, guidance at every step);
+# "fast" is the fastest path whose cost in ideal Dice on the demo test set is within run-to-run noise
+# (docs/speed.md, benchmarks/sampling.py). An explicit --steps / --solver / --guidance-interval (or --set)
+# overrides the sampler's value. The baselines keep the paper's loop by default (their tables are the paper's).
+SAMPLERS = ("fast", "paper")
+FAST_SAMPLER = {"solver": "dpm++2m", "step_fraction": 0.5, "guidance_interval": "0:1"}
+FAST_TEXT = (f"{FAST_SAMPLER['solver']} at {FAST_SAMPLER['step_fraction']:g} x the model's steps, guidance in t/T "
+             f"{FAST_SAMPLER['guidance_interval']}")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -48,11 +57,16 @@ def _sampling_options(method: str) -> list[Option]:
                bounds="[0, inf)"),
         Option("noise_level", float, None, "encoding depth L as a fraction of the respaced steps (default 0.75)",
                bounds="(0, 1]"),
-        Option("steps", int, None, "respaced DDIM steps (default 100)", bounds="[1, inf)"),
+        Option("sampler", str, None, "fast (default for sanchez: " + FAST_TEXT + ") or paper (the authors' loop: "
+                                     "DDIM at the model's steps, guidance at every step)", choices=SAMPLERS),
+        Option("steps", int, None, "respaced steps (default: the model's, 100 for the bundled one; the fast "
+                                   "sampler runs half as many)", bounds="[1, inf)"),
         Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)",
                bounds="[0, 1)"),
         Option("solver", str, None, "encode/decode solver: ddim (the paper) or dpm++2m (second order; for "
                                     "fewer --steps)", choices=SOLVERS),
+        Option("guidance_interval", str, None, "LO:HI: guide only where LO <= t/T <= HI, the healthy branch alone "
+                                               "elsewhere (half the cost per step; default 0:1 = every step)"),
         Option("batch_size", int, None, "slices per batch (default 8)", bounds="[1, inf)"),
     ]
 
@@ -92,17 +106,30 @@ def _params(request, method: str, entry=None) -> CFParams:
     user = request.config.get("explain", {})
     saved = entry.config.get("explain", {}) if entry is not None else {}
 
-    def pick(name, fallback):
+    def pick(name, fallback, preset=None):
         if request.options.get(name) is not None:
             return request.options[name]
         if name in user and user[name] != defaults.get(name):
             return user[name]
+        if preset is not None and name in preset:
+            return preset[name]
         return saved.get(name, defaults.get(name, fallback))
 
-    return CFParams(guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
-                    noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100)),
-                    dn_percentile=float(pick("dn_percentile", 0.99)),
-                    solver=str(pick("solver", "ddim"))).check()
+    sampler = str(pick("sampler", "paper"))
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    fast = None
+    if sampler == "fast":  # the model's (paper) step count scaled, so that a model saved with few steps stays fast
+        paper_steps = int(pick("steps", 100, {}))
+        fast = {**FAST_SAMPLER, "steps": max(1, round(paper_steps * FAST_SAMPLER["step_fraction"]))}
+    params = CFParams(sampler=sampler, guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
+                      noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100, fast)),
+                      dn_percentile=float(pick("dn_percentile", 0.99)),
+                      solver=str(pick("solver", "ddim", fast)),
+                      guidance_interval=pick("guidance_interval", "0:1", fast)).check()
+    if GUIDANCE_KIND[method] == "none" and params.guidance_interval != "0:1":
+        raise UsageError(f"--guidance-interval: {method} decodes without guidance; the option does not apply")
+    return params
 
 
 # ---------------------------------------------------------------------------------------------- mappers
@@ -120,6 +147,10 @@ class Mapper:
             return
         model, entry = load_unet(request.registry, entry.ref if entry else request.model, device=self.device)
         self.params = _params(request, method, entry)
+        if self.params.sampler == "fast":
+            p = self.params
+            print(f"using the fast sampler ({p.solver}, {p.steps} steps, guidance in t/T {p.guidance_interval}; "
+                  f"docs/speed.md); --sampler paper runs the authors' loop", file=sys.stderr)
         self.entry = entry
         self.model = model
         d = entry.config["diffusion"]
@@ -364,7 +395,8 @@ def _with_options(request, options: dict):
 
 
 def _defaults(method: str) -> dict:
-    d = deep_merge(DEFAULTS, {"explain": {"guidance": DEFAULT_GUIDANCE[method]}})
+    d = deep_merge(DEFAULTS, {"explain": {"guidance": DEFAULT_GUIDANCE[method],
+                                          "sampler": "fast" if method == "sanchez" else "paper"}})
     if method == "cdpm-classifier":
         d = deep_merge(d, {"explain": {"dn_percentile": 0.0}})
     if method == "cdpm-healthy":

@@ -52,8 +52,8 @@ DEFAULTS = {
     "cfg_dropout": 0.35,  # share of labels replaced by the null label in each batch
     "val_cases": 0.1,  # share of the training cases held out for validation metrics (at least 1)
     "val_slices": 32,  # validation slices scored after training (with the explain defaults)
-    "explain": {"guidance": 3.0, "noise_level": 0.75, "steps": 100, "dn_percentile": 0.99, "solver": "ddim",
-                "batch_size": 8},
+    "explain": {"sampler": "fast", "guidance": 3.0, "noise_level": 0.75, "steps": 100, "dn_percentile": 0.99,
+                "solver": "ddim", "guidance_interval": "0:1", "batch_size": 8},
     "presets": {
         "paper": {},
         "demo": {
