@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -43,16 +44,46 @@ def add_speed_commands(app: typer.Typer) -> None:
         ref: str = typer.Argument(..., help="Registry reference of the model to time."),
         backend: str = typer.Option("reference,torch,bf16", "--backend",
                                     help="Comma-separated paths: reference, torch, bf16, onnx."),
-        batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
+        batch: Optional[str] = typer.Option(None, "--batch", help="Comma-separated batch sizes (default 1,8; "
+                                                                  "--volume: one, default 8)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
         repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
-        solver: str = typer.Option("ddim", "--solver", help="ddim or dpm++2m for every path but 'reference'."),
+        solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default) or dpm++2m for every path but "
+                                                                   "'reference'; --volume: passed to explain."),
+        volume: bool = typer.Option(False, "--volume", help="Time `medcfx explain` of one whole volume end to end "
+                                                          "instead (per volume, per sampled slice, peak RSS)."),
+        case: Optional[Path] = typer.Option(None, "--case", help="--volume: the case to explain (default: a "
+                                                                "synthetic BraTS-sized 240x240x155 case)."),
+        sampler: str = typer.Option("paper,fast", "--sampler", help="--volume: comma-separated explain samplers, "
+                                                                   "one run each (paper, fast)."),
     ) -> None:
-        """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement)."""
+        """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement), or with
+        --volume one whole volume through `medcfx explain` per sampler."""
         from medcfx.bench import bench
 
         from medcfx.method import check_bounds
 
+        if volume:
+            from medcfx.bench_volume import bench_volume
+
+            samplers = [s.strip() for s in sampler.split(",") if s.strip()]
+            bad = [s for s in samplers if s not in ("paper", "fast")]
+            if bad or not samplers:
+                raise UsageError(f"--sampler expects a comma-separated list of paper, fast; got {sampler!r}")
+            batch = batch or "8"
+            if "," in batch:
+                raise UsageError(f"--volume times one --batch size, got {batch!r}")
+            try:
+                b = int(batch)
+            except ValueError:
+                raise UsageError(f"--batch expects an integer, got {batch!r}") from None
+            check_bounds("--batch", b, "[1, inf)")
+            extra = [*(["--steps", str(steps)] if steps is not None else []),
+                     *(["--solver", solver] if solver is not None else [])]
+            bench_volume(_registry(), ref, case, samplers, b, console, extra=extra)
+            return
+
+        batch, solver = batch or "1,8", solver or "ddim"
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
         except ValueError:
