@@ -74,6 +74,7 @@ MEANINGS = {
     "explain.solver": "encode/decode solver: ddim or dpm++2m (of --sampler paper, like explain.steps)",
     "explain.sampler": "fast (the measured fast path: docs/speed.md) or paper (the authors' loop at explain.steps)",
     "explain.guidance_interval": "LO:HI: guidance only where LO <= t/T <= HI (0:1: every step)",
+    "explain.reuse_inversion": "the decode's null branch from the inversion at the same timestep (one forward per step)",
     "explain.eval_size": "resolution of the evaluation",
     "explain.batch_size": "slices per batch",
     # method-level keys (sanchez, restoration)

@@ -160,6 +160,45 @@ def test_guidance_interval_counts_guided_steps_and_bounds_reproduce_the_one_bran
         assert torch.equal(none, cond_only)
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m"])
+def test_reuse_inversion_takes_the_null_branch_from_the_encode(solver):
+    """--reuse-inversion: every decode step at a timestep the encode evaluated runs one forward of B (the
+    healthy branch) and uses the encode's null prediction; a denoiser whose null prediction does not depend on
+    x makes that exact, so the result equals the two-branch loop (to round-off); with an x-dependent null
+    branch the two differ."""
+    sched = Schedule.create("linear", 1000)
+    w = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    calls = []
+
+    def x_free_null(x_t, t, cond):  # the null label's eps ignores x; the healthy label's does not
+        calls.append(len(x_t))
+        tt = (t.float() / 1000).reshape(-1, 1, 1, 1)
+        null = (cond["y"] == 2).reshape(-1, 1, 1, 1)
+        return torch.where(null, w * tt, 0.3 * x_t - w * tt)
+
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(8)) - 0.5
+    base = dict(guidance=3.0, noise_level=0.75, steps=20, dn_percentile=0.99, solver=solver)
+    reused = counterfactual(x_free_null, x, sched, CFParams(reuse_inversion=True, **base), null_label=2)
+    L = sched.respace("ddim20").level_for_fraction(0.75)
+    decode_batches = calls[L:]
+    grid = sched.respace("ddim20")
+    encoded_t = {grid.t_of(k) for k in range(1, L + 1)} if solver == "ddim" else \
+        {grid.t_of(1), grid.t_of(2)} | {grid.t_of(k - 1) for k in range(3, L + 1)}
+    assert decode_batches == [2 if grid.t_of(k) in encoded_t else 4 for k in range(L, 0, -1)]
+    assert sum(b == 2 for b in decode_batches) >= L - 1
+    calls.clear()
+    both = counterfactual(x_free_null, x, sched, CFParams(**base), null_label=2)
+    assert calls[L:] == [4] * L
+    torch.testing.assert_close(reused, both, rtol=0, atol=1e-6)
+
+    def x_null(x_t, t, cond):  # now the null branch depends on x: reuse is an approximation
+        return x_free_null(x_t, t, cond) + 0.2 * x_t * (cond["y"] == 2).reshape(-1, 1, 1, 1)
+
+    a = counterfactual(x_null, x, sched, CFParams(reuse_inversion=True, **base), null_label=2)
+    b = counterfactual(x_null, x, sched, CFParams(**base), null_label=2)
+    assert float((a - b).abs().max()) > 1e-4
+
+
 @pytest.mark.parametrize("bad", ["0.5", "a:b", "0.6:0.4", "-0.1:1", "0:1.5", "0:1:2"])
 def test_bad_guidance_intervals_are_refused_naming_the_option(bad):
     from medcfx.errors import UsageError
@@ -236,7 +275,6 @@ def test_explain_a_case_folder_writes_aligned_volumes_panels_and_provenance(trai
     # the fast sampler (the default) runs dpm++2m at half the model's saved 4 steps
     assert prov["params"]["noise_level"] == 0.75 and prov["params"]["sampler"] == "fast"
     assert prov["params"]["steps"] == 2 and prov["params"]["solver"] == "dpm++2m"
-    assert prov["params"]["solver"] == "ddim"
     assert {Path(i["path"]).name for i in prov["inputs"]} >= {"demo_00001_flair.nii.gz", "demo_00001_seg.nii.gz"}
     # --slice explains one slice only, and options after the input path are understood
     k = int(prov["slices"][len(prov["slices"]) // 2])
@@ -364,7 +402,8 @@ def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
                     "--noise-level", "0.5", "--max-slices", "4", "--solver", "dpm++2m", "--out", tmp_path / "sw"],
                    env=env, check=0)
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 4  # the flag reached the sampler
+    # the flag reached the sampler; the steps are the fast sampler's, half the model's saved 4
+    assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 2
     assert [(r["guidance"], r["noise_level"]) for r in res["rows"]] == [(0.0, 0.5), (3.0, 0.5)]
     best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
     assert res["recommended"] == best
@@ -442,4 +481,7 @@ def test_guidance_interval_is_refused_for_the_unguided_baseline():
 
     with pytest.raises(UsageError, match="--guidance-interval: cdpm-healthy decodes without guidance"):
         _params(_request("cdpm-healthy", {"guidance_interval": "0.2:1"}), "cdpm-healthy",
+                SimpleNamespace(config={"explain": {}}))
+    with pytest.raises(UsageError, match="--reuse-inversion: cdpm-classifier has no classifier-free null branch"):
+        _params(_request("cdpm-classifier", {"reuse_inversion": True}), "cdpm-classifier",
                 SimpleNamespace(config={"explain": {}}))

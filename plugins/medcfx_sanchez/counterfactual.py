@@ -48,6 +48,7 @@ class CFParams:
     solver: str = "ddim"  # "ddim" (the paper) or "dpm++2m" (second order, for fewer steps)
     guidance_interval: str = "0:1"  # "LO:HI": cfg only where LO <= t / T <= HI (a string: JSON-stable)
     sampler: str = "paper"  # the --sampler the values came from (recorded; the loops read the fields above)
+    reuse_inversion: bool = False  # the decode's null branch from the encode's evaluation at the same timestep
 
     def check(self) -> "CFParams":
         object.__setattr__(self, "guidance_interval", format_interval(parse_interval(self.guidance_interval)))
@@ -87,6 +88,40 @@ def _in_interval(guided, unguided, params: CFParams, T: int):
     return guided if (lo, hi) == (0.0, 1.0) else guidance_interval(guided, unguided, lo * T, hi * T)
 
 
+class InversionRecord:
+    """A denoiser wrapper for ``--reuse-inversion``: while the encode runs, it keeps the (raw) null-label
+    prediction of the last call at each model timestep; :meth:`guided` is then classifier-free guidance
+    whose null branch at a recorded timestep is that prediction, so each such decode step costs one forward
+    of B (the healthy branch) instead of 2B. At a timestep the encode did not evaluate, both branches run.
+
+    The recorded prediction is the null branch at the encode's point of that level, not at the decode's: the
+    approximation DDIM inversion itself makes (eps(x_{k-1}, t_k) for eps(x_k, t_k)), here applied to the null
+    branch of the decode, which differs from the encode where guidance has moved the image (the lesion). Not in
+    the paper; its measured cost is in docs/speed.md."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.eps: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond):
+        eps = self.denoiser(x, t, cond)
+        if bool((t == t[0]).all()):
+            self.eps[int(t[0])] = eps
+        return eps
+
+    def guided(self, scale: float, null_label: int):
+        w = float(scale)
+        both = classifier_free(self.denoiser, w, null_label)
+
+        def guided(x: torch.Tensor, t: torch.Tensor, cond):
+            eps_null = self.eps.get(int(t[0])) if bool((t == t[0]).all()) else None
+            if eps_null is None or eps_null.shape != x.shape or w in (0.0, 1.0):
+                return both(x, t, cond)
+            return eps_null + w * (self.denoiser(x, t, cond) - eps_null)
+
+        return guided
+
+
 def x0_process(p: float):
     return dynamic_normalise(p, per_channel=True) if p > 0 else static_clip
 
@@ -101,8 +136,14 @@ def counterfactual(denoiser, x: torch.Tensor, schedule, params: CFParams, guidan
     if guidance == "cfg":
         null = torch.full((n,), null_label, dtype=torch.long, device=x.device)
         healthy = torch.full((n,), HEALTHY, dtype=torch.long, device=x.device)
-        x_l = encode(denoiser, x, grid, L, cond={"y": null}, x0_process=proc, solver=params.solver)
-        guided = _in_interval(classifier_free(denoiser, params.guidance, null_label), denoiser, params, schedule.T)
+        if params.reuse_inversion:
+            recorded = InversionRecord(denoiser)
+            x_l = encode(recorded, x, grid, L, cond={"y": null}, x0_process=proc, solver=params.solver)
+            guided = recorded.guided(params.guidance, null_label)
+        else:
+            x_l = encode(denoiser, x, grid, L, cond={"y": null}, x0_process=proc, solver=params.solver)
+            guided = classifier_free(denoiser, params.guidance, null_label)
+        guided = _in_interval(guided, denoiser, params, schedule.T)
         return decode(guided, x_l, grid, L, cond={"y": healthy}, x0_process=proc, solver=params.solver)
     if guidance == "none":
         x_l = encode(denoiser, x, grid, L, x0_process=proc, solver=params.solver)

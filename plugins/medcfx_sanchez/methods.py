@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +66,9 @@ def _sampling_options(method: str) -> list[Option]:
                                     "fewer --steps)", choices=SOLVERS),
         Option("guidance_interval", str, None, "LO:HI: guide only where LO <= t/T <= HI, the healthy branch alone "
                                                "elsewhere (half the cost per step; default 0:1 = every step)"),
+        Option("reuse_inversion", bool, None, "take the decode's null branch from the inversion at the same "
+                                              "timestep (one forward per guided step instead of two; not the "
+                                              "paper's; cost in docs/speed.md)"),
         Option("batch_size", int, None, "slices per batch (default 8)", bounds="[1, inf)"),
     ]
 
@@ -126,9 +128,12 @@ def _params(request, method: str, entry=None) -> CFParams:
                       noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100, fast)),
                       dn_percentile=float(pick("dn_percentile", 0.99)),
                       solver=str(pick("solver", "ddim", fast)),
-                      guidance_interval=pick("guidance_interval", "0:1", fast)).check()
+                      guidance_interval=pick("guidance_interval", "0:1", fast),
+                      reuse_inversion=bool(pick("reuse_inversion", False, fast))).check()
     if GUIDANCE_KIND[method] == "none" and params.guidance_interval != "0:1":
         raise UsageError(f"--guidance-interval: {method} decodes without guidance; the option does not apply")
+    if GUIDANCE_KIND[method] != "cfg" and params.reuse_inversion:
+        raise UsageError(f"--reuse-inversion: {method} has no classifier-free null branch to reuse")
     return params
 
 
@@ -147,10 +152,6 @@ class Mapper:
             return
         model, entry = load_unet(request.registry, entry.ref if entry else request.model, device=self.device)
         self.params = _params(request, method, entry)
-        if self.params.sampler == "fast":
-            p = self.params
-            print(f"using the fast sampler ({p.solver}, {p.steps} steps, guidance in t/T {p.guidance_interval}; "
-                  f"docs/speed.md); --sampler paper runs the authors' loop", file=sys.stderr)
         self.entry = entry
         self.model = model
         d = entry.config["diffusion"]

@@ -53,7 +53,7 @@ DEFAULTS = {
     "val_cases": 0.1,  # share of the training cases held out for validation metrics (at least 1)
     "val_slices": 32,  # validation slices scored after training (with the explain defaults)
     "explain": {"sampler": "fast", "guidance": 3.0, "noise_level": 0.75, "steps": 100, "dn_percentile": 0.99,
-                "solver": "ddim", "guidance_interval": "0:1", "batch_size": 8},
+                "solver": "ddim", "guidance_interval": "0:1", "reuse_inversion": False, "batch_size": 8},
     "presets": {
         "paper": {},
         "demo": {
