@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from medcfx.diffusion import (
+    InversionRecord,
     TorchDenoiser,
     classifier_free,
     decode,
@@ -36,6 +37,7 @@ class SamplingPath:
     steps: int | None = None  # None: the entry's / default steps
     solver: str = "ddim"  # or "dpm++2m" (same number of network calls per step)
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # cfg only where lo <= t / T <= hi (fractions of T)
+    reuse_inversion: bool = False  # the decode's null branch from the encode (InversionRecord)
 
 
 def _two_pass_cfg(den, w: float, null: int):
@@ -80,9 +82,12 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
     if unet.config.num_classes:
         null = unet.null_label
         # labels on x's device: a CUDA module (and onnxruntime's CUDA IO binding) cannot read CPU indices
-        x_l = encode(den, x, grid, L, cond={"y": torch.full((b,), null, device=x.device)}, x0_process=proc,
+        record = InversionRecord(den) if path.reuse_inversion else den
+        x_l = encode(record, x, grid, L, cond={"y": torch.full((b,), null, device=x.device)}, x0_process=proc,
                      solver=path.solver)
         guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
+        if path.reuse_inversion:
+            guided = record.guided(guidance, null)
         lo, hi = path.guidance_interval
         if (lo, hi) != (0.0, 1.0):
             guided = guidance_interval(guided, den, lo * schedule.T, hi * schedule.T)
@@ -95,13 +100,21 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
 
 
 def forwards_per_slice(schedule, steps: int, noise_level: float, guided: bool,
-                       interval: tuple[float, float] = (0.0, 1.0)) -> int:
+                       interval: tuple[float, float] = (0.0, 1.0), reuse_inversion: bool = False,
+                       solver: str = "ddim") -> int:
     """UNet evaluations per slice, counted on the respaced grid: L encode calls, then per decode step 2
-    (both cfg branches) where guided and lo <= t / T <= hi, else 1."""
+    (both cfg branches) where guided and lo <= t / T <= hi, else 1; with ``reuse_inversion`` a guided step at a
+    timestep the encode evaluated costs 1 (the DDIM encode evaluates every level's timestep; the multistep
+    encode all but level L's)."""
     grid = schedule.respace(f"ddim{steps}")
     L = grid.level_for_fraction(noise_level)
     lo, hi = interval[0] * schedule.T, interval[1] * schedule.T
-    return L + sum(2 if guided and lo <= grid.t_of(k) <= hi else 1 for k in range(1, L + 1))
+    seen = set(range(1, L + 1)) if solver == "ddim" else set(range(1, L))
+    n = L
+    for k in range(1, L + 1):
+        two = guided and lo <= grid.t_of(k) <= hi and not (reuse_inversion and k in seen)
+        n += 2 if two else 1
+    return n
 
 
 def time_path(unet, schedule, x, path: SamplingPath, repeats: int = 1, **kw) -> tuple[float, torch.Tensor]:

@@ -167,3 +167,22 @@ def test_io_binding_path_gives_the_same_eps_as_the_feed_path(tmp_path):
     torch.testing.assert_close(bound, fed, rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(bound, unet(x, t, y=y), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver, interval, reuse", [("ddim", (0.0, 1.0), False), ("dpm++2m", (0.3, 1.0), False),
+                                                     ("ddim", (0.0, 1.0), True), ("dpm++2m", (0.0, 1.0), True),
+                                                     ("dpm++3m", (0.2, 0.8), True)])
+def test_forwards_per_slice_counts_what_the_sampling_path_runs(home, solver, interval, reuse):
+    """The forward count the benchmarks report equals the samples the UNet actually saw, counted by a
+    forward hook, for every lever (solver, guidance interval, reused inversion)."""
+    from medcfx.bench import SamplingPath, example_batch, forwards_per_slice, run_path
+    from medcfx.diffusion import Schedule
+
+    _, _, unet = _register(home)
+    seen = []
+    unet.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    sched = Schedule.create("linear", 100)
+    x = example_batch(unet, 2)
+    path = SamplingPath("p", solver=solver, guidance_interval=interval, reuse_inversion=reuse)
+    run_path(unet, sched, x, path, steps=12, noise_level=0.75)
+    assert sum(seen) / 2 == forwards_per_slice(sched, 12, 0.75, True, interval, reuse, solver)

@@ -22,12 +22,19 @@ from medcfx.diffusion.ddim import (
     sample,
 )
 from medcfx.diffusion.denoiser import TorchDenoiser
-from medcfx.diffusion.guidance import classifier_free, classifier_gradient, guidance_interval, log_prob_gradient
+from medcfx.diffusion.guidance import (
+    InversionRecord,
+    classifier_free,
+    classifier_gradient,
+    guidance_interval,
+    log_prob_gradient,
+)
 from medcfx.diffusion.normalize import dynamic_normalise, dynamic_threshold_values, static_clip
 from medcfx.diffusion.schedule import BETA_KINDS, Respaced, Schedule, make_betas, parse_respacing
 
 __all__ = [
     "BETA_KINDS",
+    "InversionRecord",
     "Denoiser",
     "Respaced",
     "SOLVERS",

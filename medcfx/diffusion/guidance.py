@@ -13,6 +13,9 @@
   an unguided one elsewhere (for classifier-free guidance the conditional branch alone, w = 1: one forward
   of size B instead of 2B). They found guidance unnecessary at low noise and harmful at high noise; for
   medcfx it is a speed lever, with its measured cost in Dice in docs/speed.md.
+- ``InversionRecord``: classifier-free guidance whose null branch is the prediction the inversion (encode)
+  made at the same timestep, so a guided decode step costs one forward of B (medcfx's speed lever, not in
+  Sanchez et al.; ``--reuse-inversion``).
 - ``classifier_gradient`` (Dhariwal & Nichol 2021, eq. 14):
       eps' = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t),
   with abar_t = ``schedule.abar(t)`` for the model timestep t the denoiser is called with.
@@ -29,7 +32,7 @@ import torch
 from medcfx.diffusion.ddim import Denoiser
 from medcfx.errors import UsageError
 
-__all__ = ["classifier_free", "classifier_gradient", "guidance_interval", "log_prob_gradient"]
+__all__ = ["InversionRecord", "classifier_free", "classifier_gradient", "guidance_interval", "log_prob_gradient"]
 
 GradLogProb = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -77,6 +80,43 @@ def guidance_interval(guided: Denoiser, unguided: Denoiser, t_lo: float, t_hi: f
         return torch.where(mask, guided(x, t, cond), unguided(x, t, cond))
 
     return within
+
+
+class InversionRecord:
+    """A denoiser wrapper for ``--reuse-inversion``: while the encode runs, it keeps the (raw) null-label
+    prediction of the last call at each model timestep; :meth:`guided` is then classifier-free guidance
+    whose null branch at a recorded timestep is that prediction, so each such decode step costs one forward
+    of B (the healthy branch) instead of 2B. At a timestep the encode did not evaluate, both branches run.
+
+    The recorded prediction is the null branch at the encode's point of that level, not at the decode's: the
+    approximation DDIM inversion itself makes (eps(x_{k-1}, t_k) for eps(x_k, t_k)), here applied to the null
+    branch of the decode, which differs from the encode where guidance has moved the image (the lesion). Not in
+    Sanchez et al.'s Alg. 1; its measured cost is in docs/speed.md. The wrapped calls must be batch-first
+    with one timestep per batch (as the encode/decode loops make them)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.eps: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond):
+        eps = self.denoiser(x, t, cond)
+        if bool((t == t[0]).all()):
+            self.eps[int(t[0])] = eps
+        return eps
+
+    def guided(self, scale: float, null_label: int) -> Denoiser:
+        """Classifier-free guidance with scale w (as :func:`classifier_free`) reusing the recorded null
+        predictions."""
+        w = float(scale)
+        both = classifier_free(self.denoiser, w, null_label)
+
+        def guided(x: torch.Tensor, t: torch.Tensor, cond):
+            eps_null = self.eps.get(int(t[0])) if bool((t == t[0]).all()) else None
+            if eps_null is None or eps_null.shape != x.shape or w in (0.0, 1.0):
+                return both(x, t, cond)
+            return eps_null + w * (self.denoiser(x, t, cond) - eps_null)
+
+        return guided
 
 
 def classifier_gradient(denoiser: Denoiser, grad_log_prob: GradLogProb, scale: float, schedule) -> Denoiser:

@@ -26,12 +26,13 @@ import torch
 
 from medcfx.diffusion import (
     SOLVERS,
+    InversionRecord,
     classifier_free,
     classifier_gradient,
     decode,
-    guidance_interval,
     dynamic_normalise,
     encode,
+    guidance_interval,
     static_clip,
 )
 from medcfx.errors import UsageError
@@ -86,40 +87,6 @@ def _in_interval(guided, unguided, params: CFParams, T: int):
     """``guided`` restricted to ``params.guidance_interval`` (fractions of T -> model timesteps)."""
     lo, hi = parse_interval(params.guidance_interval)
     return guided if (lo, hi) == (0.0, 1.0) else guidance_interval(guided, unguided, lo * T, hi * T)
-
-
-class InversionRecord:
-    """A denoiser wrapper for ``--reuse-inversion``: while the encode runs, it keeps the (raw) null-label
-    prediction of the last call at each model timestep; :meth:`guided` is then classifier-free guidance
-    whose null branch at a recorded timestep is that prediction, so each such decode step costs one forward
-    of B (the healthy branch) instead of 2B. At a timestep the encode did not evaluate, both branches run.
-
-    The recorded prediction is the null branch at the encode's point of that level, not at the decode's: the
-    approximation DDIM inversion itself makes (eps(x_{k-1}, t_k) for eps(x_k, t_k)), here applied to the null
-    branch of the decode, which differs from the encode where guidance has moved the image (the lesion). Not in
-    the paper; its measured cost is in docs/speed.md."""
-
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
-        self.eps: dict[int, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond):
-        eps = self.denoiser(x, t, cond)
-        if bool((t == t[0]).all()):
-            self.eps[int(t[0])] = eps
-        return eps
-
-    def guided(self, scale: float, null_label: int):
-        w = float(scale)
-        both = classifier_free(self.denoiser, w, null_label)
-
-        def guided(x: torch.Tensor, t: torch.Tensor, cond):
-            eps_null = self.eps.get(int(t[0])) if bool((t == t[0]).all()) else None
-            if eps_null is None or eps_null.shape != x.shape or w in (0.0, 1.0):
-                return both(x, t, cond)
-            return eps_null + w * (self.denoiser(x, t, cond) - eps_null)
-
-        return guided
 
 
 def x0_process(p: float):
