@@ -26,7 +26,7 @@ from medcfx.data.preprocess import PreprocessConfig  # noqa: E402
 from medcfx.inputs import iter_cases  # noqa: E402
 from medcfx.method import Request  # noqa: E402
 from medcfx.plugins import get_plugins  # noqa: E402
-from medcfx_sanchez.methods import SELF_CHECK_LIMIT, Mapper  # noqa: E402
+from medcfx_sanchez.methods import Mapper, self_check_limit  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
                 check = mapper.self_check(case, args.slices, batch_size=8)
             worst.append(max(check["mean_abs_error"]))
             print(f"{case.id}: slices {check['slices']} errors {np.round(check['mean_abs_error'], 4).tolist()}")
-    print(f"{entry.ref}, {mapper.params}: per-slice errors up to {max(worst):.4f}; limit {SELF_CHECK_LIMIT}")
+    print(f"{entry.ref}, {mapper.params}: per-slice errors up to {max(worst):.4f}; limit {self_check_limit(mapper.params)}")
 
 
 if __name__ == "__main__":

@@ -127,18 +127,21 @@ def test_calibrate_refuses_bad_requests_before_work(sets):
 def test_inversion_self_check_is_reported_and_flags_a_poor_inversion(sets):
     """sanchez explain checks encode + unguided decode against the input: an encoding depth of 0 steps is the
     identity (error exactly 0, closed form); 4 DDIM steps invert the demo brain poorly (flagged, with a
-    warning in the summary), and the flag is exactly max(error) > limit."""
+    warning in the summary), and the flag is exactly max(error) > the sampler's limit."""
+    from medcfx_sanchez.methods import SELF_CHECK_LIMITS
+
     root, env = sets["root"], sets["env"]
     res = {}
-    for tag, level in (("id", "0.01"), ("deep", "0.75")):
+    for tag, level, sampler in (("id", "0.01", "fast"), ("deep", "0.75", "paper")):
         p = run_cli(["explain", DEMO_CASE, "--model", "sanchez-demo", "--slice", "6", "--noise-level", level,
-                     "--out", root / f"sc-{tag}", *FAST], env=env, check=0)
+                     "--sampler", sampler, "--out", root / f"sc-{tag}", *FAST], env=env, check=0)
         res[tag] = (json.loads(p.stdout)["cases"][0],
                     json.loads((root / f"sc-{tag}" / "demo_case" / "provenance.json").read_text())["self_check"])
     summary, check = res["id"]
     assert check["slices"] == [6] and check["mean_abs_error"] == [0.0] and not check["flagged"]
-    assert "warning" not in summary
+    assert "warning" not in summary and check["limit"] == SELF_CHECK_LIMITS["fast"]  # each sampler its own limit
     summary, check = res["deep"]
+    assert check["limit"] == SELF_CHECK_LIMITS["paper"]
     assert check["flagged"] == (max(check["mean_abs_error"]) > check["limit"]) and check["flagged"]
     assert summary["self_check_error"] == max(check["mean_abs_error"]) and "self-check failed" in summary["warning"]
     # evaluate reports it per case and summarised
