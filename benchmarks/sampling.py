@@ -4,19 +4,20 @@
     python benchmarks/sampling.py [--batches 1,8] [--quick] [--demo-model REF --test DIR]
 
 Network: the sanchez paper preset (4x64x64, 27.2M parameters, 22.9 GFLOP per forward) with fixed,
-deterministic weights (seed 0, perturbed so the output layers are not zero). Loop: L = 75 of 100 DDIM steps,
+deterministic weights (seed 0, perturbed so the output layers are not zero). Loop: L = 75% of the steps,
 w = 3, dynamic normalisation (99%). Paths:
 
-- reference: the authors' sampling loop: two separate forward passes per guided step, fp32 eager, NCHW;
-- batched: both CFG branches in one forward of 2B (medcfx's default);
-- + channels_last; + bf16 autocast; + torch.compile (when it compiles here); onnxruntime (CPU provider);
-- reduced steps: 50 and 25 respaced steps (L = 75% of them) with bf16, and with DPM-Solver++(2M) (same
-  number of network calls per step as DDIM) through onnxruntime and bf16.
+- reference: the authors' sampling loop: 100 DDIM steps, two separate forward passes per guided step, fp32
+  eager, NCHW;
+- medcfx's paper loop (both CFG branches in one forward of 2B), with bf16 + channels_last, through
+  onnxruntime (CPU provider);
+- the fast sampler (`explain --sampler fast`, medcfx's default: DPM-Solver++(2M) at fewer steps, with its
+  guidance interval) through torch and onnxruntime, and fewer steps / shorter guidance intervals beyond it.
 
-Reported per path and batch size: seconds per slice, achieved GFLOP/s, max |heatmap - reference heatmap|.
-With --demo-model/--test, the ideal Dice of the reduced-step decodes is measured on the demo test set with
-the trained demo model (its own preset) through `medcfx evaluate`, and the peak RSS of `medcfx explain` at
-batch 8 for 8 and 32 slices. Writes the "sampling" section of docs/benchmarks.md.
+Reported per path and batch size: UNet forwards per slice, seconds per slice, achieved GFLOP/s, max |heatmap -
+reference heatmap|. With --demo-model/--test, the ideal Dice of each setting (DICE_RUNS) is measured on the demo
+test set with the trained demo model through `medcfx evaluate`, and the peak RSS of `medcfx explain` and
+`medcfx evaluate` at batch 8. Writes the "sampling" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -59,13 +59,23 @@ def main() -> None:
                     help="';'-separated substrings of path names to skip (e.g. compile); NAME@B skips it at batch B only")
     ap.add_argument("--demo-model", default=None)
     ap.add_argument("--test", type=Path, default=None)
-    ap.add_argument("--max-slices", type=int, default=96)
+    ap.add_argument("--max-slices", type=int, default=12, help="scored slices per test case (evaluate's)")
     ap.add_argument("--work", type=Path, default=Path("bench-sampling"), help="evaluations kept (and reused) here")
     ap.add_argument("--dice-only", action="store_true", help="only run the ideal-Dice evaluations (no timing)")
     ap.add_argument("--no-docs", action="store_true", help="print the rows only; leave docs/benchmarks.md alone")
+    ap.add_argument("--rss-only", action="store_true", help="only re-measure the peak RSS line of the section")
     args = ap.parse_args()
     if args.dice_only:
         demo_dice(args)
+        return
+    if args.rss_only:
+        rss_line = rss_text(explain_rss(args))
+        bench = ROOT / "docs" / "benchmarks.md"
+        text = bench.read_text()
+        a = text.index("\nPeak RSS at batch 8", text.index("<!-- sampling:start -->"))
+        b = text.index("\n", a + 1)
+        bench.write_text(text[:a] + rss_line.rstrip("\n") + text[b:])
+        print(rss_line)
         return
 
     from medcfx.bench import SamplingPath, example_batch, forwards_per_slice, time_path
@@ -81,23 +91,24 @@ def main() -> None:
     export_unet(unet, tmp / "paper.onnx")
     onnx = OnnxDenoiser(tmp / "paper.onnx")
     skip = [tuple(s.split("@")) if "@" in s else (s, None) for s in args.skip.split(";") if s]
+    from medcfx_sanchez.methods import FAST_SAMPLER
+
+    iv = tuple(float(v) for v in FAST_SAMPLER["guidance_interval"].split(":"))
+    fast = round(steps * FAST_SAMPLER["step_fraction"])
+    fast_kw = dict(steps=fast, solver=FAST_SAMPLER["solver"], guidance_interval=iv,
+                   reuse_inversion=FAST_SAMPLER["reuse_inversion"])
+    what = f"{FAST_SAMPLER['solver']} {fast}" + (", reuse inversion" if FAST_SAMPLER["reuse_inversion"] else "") + \
+        (f", guidance {FAST_SAMPLER['guidance_interval']}" if iv != (0.0, 1.0) else "")
     paths = [SamplingPath("reference (2 passes, fp32, NCHW)", batched_cfg=False),
-             SamplingPath("batched cfg, fp32"),
-             SamplingPath("batched cfg, channels_last", channels_last=True),
-             SamplingPath("batched cfg, bf16 autocast", bf16=True),
+             SamplingPath("batched cfg, fp32 (--sampler paper)"),
              SamplingPath("batched cfg, bf16 + channels_last", bf16=True, channels_last=True),
-             SamplingPath("torch.compile, fp32", compile=True),
              SamplingPath("onnxruntime cpu, fp32", onnx=onnx),
-             SamplingPath("onnxruntime cpu, 2 passes", onnx=onnx, batched_cfg=False),
-             SamplingPath(f"bf16, {steps // 2} steps", bf16=True, steps=steps // 2),
-             SamplingPath(f"bf16, {steps // 4} steps", bf16=True, steps=steps // 4),
-             SamplingPath(f"onnxruntime cpu, dpm++2m {steps // 2} steps", onnx=onnx, steps=steps // 2,
-                          solver="dpm++2m"),
-             SamplingPath(f"onnxruntime cpu, dpm++2m {steps * 2 // 5} steps", onnx=onnx, steps=steps * 2 // 5,
-                          solver="dpm++2m"),
-             SamplingPath(f"onnxruntime cpu, dpm++2m {steps // 4} steps", onnx=onnx, steps=steps // 4,
-                          solver="dpm++2m"),
-             SamplingPath(f"bf16, dpm++2m {steps // 4} steps", bf16=True, steps=steps // 4, solver="dpm++2m")]
+             SamplingPath(f"onnxruntime cpu, dpm++2m {fast}", onnx=onnx, steps=fast, solver="dpm++2m"),
+             SamplingPath(f"onnxruntime cpu, dpm++2m {fast}, guidance 0.25:1", onnx=onnx, steps=fast,
+                          solver="dpm++2m", guidance_interval=(0.25, 1.0)),
+             SamplingPath(f"fast sampler, torch fp32 ({what})", **fast_kw),
+             SamplingPath(f"fast sampler, bf16 + channels_last ({what})", bf16=True, channels_last=True, **fast_kw),
+             SamplingPath(f"fast sampler, onnxruntime cpu ({what})", onnx=onnx, **fast_kw)]
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         x = example_batch(unet, batch)
@@ -105,7 +116,8 @@ def main() -> None:
         for p in paths:
             if any(s in p.name and (b is None or int(b) == batch) for s, b in skip):
                 continue
-            n_fwd = forwards_per_slice(p.steps or steps, 0.75, True)
+            n_fwd = forwards_per_slice(schedule, p.steps or steps, 0.75, True, p.guidance_interval, p.reuse_inversion,
+                                       p.solver)
             try:
                 sec, maps = time_path(unet, schedule, x, p, steps=steps)
             except Exception as exc:  # e.g. torch.compile without a working compiler
@@ -122,32 +134,68 @@ def main() -> None:
         write_docs(rows, dice, rss, gflop, steps, args)
 
 
-DICE_RUNS = [(100, False, "ddim"), (100, True, "ddim"), (50, False, "ddim"), (50, True, "ddim"), (25, True, "ddim"),
-             (50, False, "dpm++2m"), (40, False, "dpm++2m"), (25, False, "dpm++2m"), (25, True, "dpm++2m")]
+# (name, explain settings): every row through `medcfx evaluate` with the trained demo model; the names are the
+# folders in --work, so evaluations are reused (accuracy does not depend on machine load: they may run
+# before the quiet timing run). The onnx backend agrees with torch fp32 to 3e-4 in the heatmap, so fp32 rows
+# stand for both.
+DICE_RUNS = [
+    ("ddim100", "--sampler paper --steps 100"),
+    ("ddim40", "--sampler paper --steps 40"),
+    ("dpm50", "--steps 50 --solver dpm++2m"),
+    ("dpm40", "--steps 40 --solver dpm++2m"),
+    ("dpm30", "--steps 30 --solver dpm++2m"),
+    ("dpm50_i25", "--steps 50 --solver dpm++2m --guidance-interval 0.25:1"),
+    ("dpm50_i40", "--steps 50 --solver dpm++2m --guidance-interval 0.4:1"),
+    ("dpm50_i0_50", "--steps 50 --solver dpm++2m --guidance-interval 0:0.5"),
+    ("dpm40_i25", "--steps 40 --solver dpm++2m --guidance-interval 0.25:1"),
+    ("dpm50_r", "--steps 50 --solver dpm++2m --reuse-inversion"),
+    ("dpm40_r", "--steps 40 --solver dpm++2m --reuse-inversion"),
+    ("dpm3m30", "--steps 30 --solver dpm++3m"),
+]
 
 
 def demo_dice(args) -> list[dict]:
-    """Ideal Dice of the demo model at 100, 50 and 25 steps, DDIM and DPM-Solver++(2M) (evaluations kept in
-    --work and reused: accuracy does not depend on machine load, so they may run before the quiet timing run;
-    the onnx backend agrees with torch fp32 to 3e-4 in the heatmap, so fp32 rows stand for both)."""
+    """Ideal Dice and AUPRC of the demo model for each of DICE_RUNS on the demo test set, scored on each
+    input's own grid (`--max-slices` per case), with the forward passes per slice of that setting."""
+    from medcfx.bench import forwards_per_slice
+    from medcfx.diffusion import Schedule
+
+    schedule = Schedule.create("linear", 1000)
     out = []
-    for steps, bf16, solver in DICE_RUNS:
-        d = args.work / f"dice-{steps}{'-bf16' if bf16 else ''}{'' if solver == 'ddim' else '-' + solver}"
+    for name, settings in DICE_RUNS:
+        d = args.work / name
         cmd = [sys.executable, "-m", "medcfx", "evaluate", "sanchez", "--model", args.demo_model, "--data",
-               str(args.test), "--max-slices", str(args.max_slices), "--steps", str(steps),
-               *(["--bf16"] if bf16 else []), *(["--solver", solver] if solver != "ddim" else []), "--out", str(d)]
+               str(args.test), "--max-slices", str(args.max_slices), "--self-check-slices", "0", *settings.split(),
+               "--out", str(d)]
         if not (d / "metrics.json").exists():
             subprocess.run(cmd, check=True, capture_output=True)
         m = flat_metrics(json.loads((d / "metrics.json").read_text()))
-        out.append({"steps": steps, "bf16": bf16, "solver": solver, "ideal_Dice": m["pixel_ideal_Dice"],
-                    "AUPRC": m["pixel_AUPRC"],
-                    "command": " ".join(cmd[2:-2])})
+        words = [w for w in settings.split() if w != "--reuse-inversion"]  # the one flag without a value
+        opts = dict(zip(words[::2], words[1::2]))
+        lo_hi = tuple(float(v) for v in opts.get("--guidance-interval", "0:1").split(":"))
+        solver = opts.get("--solver", "ddim" if opts.get("--sampler") == "paper" else "dpm++2m")
+        n_fwd = forwards_per_slice(schedule, int(opts["--steps"]), 0.75, True, lo_hi, "--reuse-inversion" in settings,
+                                   solver)
+        out.append({"name": name, "settings": settings, "forwards": n_fwd, "ideal_Dice": m["pixel_ideal_Dice"],
+                    "AUPRC": m["pixel_AUPRC"], "command": " ".join(cmd[2:-2])})
         print(json.dumps(out[-1]), flush=True)
     return out
 
 
+def _peak_rss(cmd: list[str]) -> int:
+    """Peak RSS in MiB of one command (medcfx.bench_volume.measured_run: not inflated by this process)."""
+    from medcfx.bench_volume import measured_run
+
+    _, mib, code, err = measured_run(cmd)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-300:]}")
+    return round(mib)
+
+
 def explain_rss(args) -> list[dict]:
-    """Peak RSS of `medcfx explain` at batch 8 on a case of 8 and of 32 slices (flat in the slice count)."""
+    """Peak RSS of `medcfx explain` at batch 8 on a case of 8 and of 32 slices (flat in the slice count), and
+    of `medcfx evaluate` at batch 8 on the demo test set (--test), 4 steps each (memory does not depend on
+    the number of steps)."""
     from medcfx.demo import make_demo
 
     out = []
@@ -156,18 +204,24 @@ def explain_rss(args) -> list[dict]:
             data = make_demo("brain", Path(d) / f"b{n}", cases=1, seed=5, shape=(120, 120, n + 4),
                              tumour_free_fraction=0.0)
             case = next(p for p in data.iterdir() if p.is_dir())
-            cmd = [sys.executable, "-c",
-                   "import resource,subprocess,sys;"
-                   "subprocess.run(sys.argv[1:],check=True,capture_output=True);"
-                   "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)",
-                   sys.executable, "-m", "medcfx", "explain", str(case), "--model", args.demo_model,
-                   "--batch-size", "8", "--steps", "10", "--out", str(Path(d) / f"o{n}")]
-            t0 = time.time()
-            kb = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
+            cmd = [sys.executable, "-m", "medcfx", "explain", str(case), "--model", args.demo_model,
+                   "--batch-size", "8", "--steps", "4", "--out", str(Path(d) / f"o{n}")]
+            mib = _peak_rss(cmd)
             slices = len(list((Path(d) / f"o{n}" / case.name / "panels").iterdir()))
-            out.append({"slices": slices, "peak_rss_mb": round(kb / 1024), "seconds": round(time.time() - t0, 1)})
+            out.append({"command": "explain", "slices": slices, "peak_rss_mb": mib})
+            print(json.dumps(out[-1]), flush=True)
+        if args.test:
+            cmd = [sys.executable, "-m", "medcfx", "evaluate", "sanchez", "--model", args.demo_model, "--data",
+                   str(args.test), "--batch-size", "8", "--steps", "4", "--out", str(Path(d) / "ev")]
+            out.append({"command": "evaluate", "slices": "all of --test", "peak_rss_mb": _peak_rss(cmd)})
             print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def rss_text(rss: list[dict]) -> str:
+    return ("\nPeak RSS at batch 8 (demo model): "
+            + ", ".join(f"`{r['command']}` of {r['slices']} slices {r['peak_rss_mb']} MiB" for r in rss)
+            + " (`--rss-only` re-measures this line).\n")
 
 
 def write_docs(rows, dice, rss, gflop, steps, args) -> None:
@@ -175,22 +229,23 @@ def write_docs(rows, dice, rss, gflop, steps, args) -> None:
         ref = next(q for q in rows if q["batch"] == r["batch"])
         return ref["s_per_slice"] / r["s_per_slice"]
 
-    lines = ["| path | batch | s / slice | GFLOP/s | speed-up vs reference | max heatmap diff |", "|---|---|---|---|---|---|"]
+    lines = ["| path | batch | forwards / slice | s / slice | GFLOP/s | speed-up vs reference | max heatmap diff |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['batch']} | {r['s_per_slice']:.2f} | {r['gflop_per_s']:.0f} | "
-                     f"{ratio(r):.2f}x | {r['max_heatmap_diff']:.1e} |")
+        lines.append(f"| {r['path']} | {r['batch']} | {r['forwards']} | {r['s_per_slice']:.2f} | "
+                     f"{r['gflop_per_s']:.0f} | {ratio(r):.2f}x | {r['max_heatmap_diff']:.1e} |")
     dl = ""
     if dice:
-        dl = ("\nReduced-step decodes with the trained demo model on the demo test set (`medcfx evaluate`):\n\n"
-              "| steps | solver | precision | ideal Dice | AUPRC | command |\n|---|---|---|---|---|---|\n"
-              + "".join(f"| {d['steps']} | {d['solver']} | {'bf16' if d['bf16'] else 'fp32'} | "
-                        f"{d['ideal_Dice']:.4f} | "
-                        f"{d['AUPRC']:.4f} | `{d['command']}` |\n"
+        ref = dice[0]
+        dl = ("\nThe same settings with the trained demo model on the demo test set (`medcfx evaluate`, each input's "
+              "own grid, ideal Dice = the oracle threshold; forwards = UNet evaluations per slice, batch-1 "
+              "equivalents):\n\n"
+              "| settings | forwards / slice | ideal Dice | cost vs first row | AUPRC | command |\n"
+              "|---|---|---|---|---|---|\n"
+              + "".join(f"| {d['settings']} | {d['forwards']} | {d['ideal_Dice']:.4f} | "
+                        f"{ref['ideal_Dice'] - d['ideal_Dice']:+.4f} | {d['AUPRC']:.4f} | `{d['command']}` |\n"
                         for d in dice))
-    rl = ""
-    if rss:
-        rl = ("\nPeak RSS of `medcfx explain` at batch 8 (demo model): "
-              + ", ".join(f"{r['slices']} slices: {r['peak_rss_mb']} MB" for r in rss) + ".\n")
+    rl = rss_text(rss) if rss else ""
     cmd = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = f"""<!-- sampling:start -->
 ## Counterfactual sampling speed (issue: ONNX export and fast sampling)

@@ -2,7 +2,7 @@
 
 Each run is a real ``medcfx explain`` subprocess on the same case (reading, preprocessing, sampling every
 foreground slice in batches, writing the volumes, panels and provenance), timed by wall clock, with its peak
-resident set size from the operating system (``os.wait4``'s ``ru_maxrss``, KiB on Linux). Without ``--case``
+resident set size from the operating system (``ru_maxrss``, see :func:`measured_run`). Without ``--case``
 the volume is a synthetic BraTS-sized case (240 x 240 x 155 voxels of 1 mm, 4 contrasts, one tumour;
 ``medcfx data demo brain``), made once in a temporary folder. The slices explain samples are those with
 foreground (``preprocess.min_foreground``); the others are skipped and their heatmap is 0 by definition, so
@@ -12,7 +12,6 @@ the time per sampled slice is reported beside the time per volume.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,22 +32,43 @@ def synthetic_volume(folder: Path, shape: tuple[int, int, int] = BRATS_SHAPE, se
     return next(p for p in sorted(data.iterdir()) if p.is_dir())
 
 
+# A child's peak RSS from wait4 / RUSAGE_CHILDREN includes its parent's resident memory at fork time (Linux
+# carries the high-water mark across fork and exec), so a big parent (a benchmark holding a network) would
+# inflate it. The command therefore runs under a small fresh Python that reports its own children's peak.
+_RSS_WRAPPER = ("import resource, subprocess, sys; "
+                "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+                "sys.stderr.write(p.stderr); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
+
+def measured_run(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Run ``cmd``: (wall seconds, its peak RSS in MiB, exit code, its stderr). The peak is the command's own
+    (``ru_maxrss`` of a child of a small wrapper process, KiB on Linux), not inflated by this process."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    lines = p.stdout.strip().splitlines()
+    return seconds, int(lines[-1]) / 1024 if lines else float("nan"), p.returncode, p.stderr
+
+
 def run_explain(case: Path, ref: str, out: Path, args: list[str]) -> dict:
     """Wall seconds, peak RSS (MiB) and sampled slices of one ``medcfx explain`` subprocess. Raises
     MedcfxError with the command's last error line when it fails."""
     cmd = [sys.executable, "-m", "medcfx", "explain", str(case), "--model", ref, "--out", str(out), *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    seconds, peak, code, err = measured_run(cmd)
+    if code != 0:
         last = [ln for ln in err.splitlines() if ln.strip()][-1:] or ["(no message)"]
-        raise MedcfxError(f"explain failed on {case} (exit {proc.returncode}): {last[0]}")
+        raise MedcfxError(f"explain failed on {case} (exit {code}): {last[0]}")
     prov = json.loads((out / case.name / "provenance.json").read_text())
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "sampled_slices": len(prov["slices"]),
+    return {"seconds": seconds, "peak_rss_mib": peak, "sampled_slices": len(prov["slices"]),
             "params": prov["params"]}
+
+
+def settings_text(params: dict) -> str:
+    """A provenance ``params`` record's sampling settings in a few words."""
+    return (f"{params.get('solver')} {params.get('steps')} steps"
+            + (", reuse inversion" if params.get("reuse_inversion") else "")
+            + (f", guidance {params['guidance_interval']}" if params.get("guidance_interval", "0:1") != "0:1" else ""))
 
 
 def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], batch: int, console,
@@ -86,7 +106,7 @@ def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], bat
         table.add_column(c)
     for r in rows:
         p = r["params"]
-        settings = f"{p.get('solver')} {p.get('steps')} steps, guidance {p.get('guidance_interval', '0:1')}"
+        settings = settings_text(p)
         table.add_row(r["sampler"], settings, f"{r['seconds']:.1f}", str(r["sampled_slices"]),
                       f"{r['seconds_per_sampled_slice']:.2f}", f"{r['peak_rss_mib']:.0f} MiB",
                       f"{r['speedup_vs_first']:.2f}x")

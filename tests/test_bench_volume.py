@@ -58,3 +58,21 @@ def test_volume_bench_refuses_a_method_without_samplers(home):
     p = subprocess.run([sys.executable, "-m", "medcfx", "bench", "restoration-demo", "--volume"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "--sampler paths" in p.stderr, p.stderr
+
+
+def test_measured_peak_rss_is_the_commands_own_not_the_parents():
+    """Linux carries a process's RSS high-water mark across fork and exec, so a child started by a big parent
+    reports the parent's size; measured_run must not. Here the parent holds ~600 MiB and the children use
+    nothing / ~300 MiB of their own (numpy pages written)."""
+    import numpy as np
+
+    from medcfx.bench_volume import measured_run
+
+    held = np.ones(600 * 2**20 // 8)  # written, so resident
+    _, small, code, _ = measured_run([sys.executable, "-c", "pass"])
+    _, big, code2, _ = measured_run([sys.executable, "-c", "import numpy; a = numpy.ones(300 * 2**20 // 8)"])
+    assert code == code2 == 0 and held.sum() > 0
+    assert small < 100  # a bare interpreter, not the 600 MiB parent
+    assert 300 < big < 300 + 150  # its own 300 MiB plus numpy's import
+    _, _, code3, err = measured_run([sys.executable, "-c", "import sys; sys.exit('bad thing')"])
+    assert code3 == 1 and "bad thing" in err
