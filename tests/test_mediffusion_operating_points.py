@@ -20,7 +20,8 @@ STEPS = "3"
 
 def _maps(home, pp, paths):
     """The no-cardiomegaly difference maps of ``paths`` on their own grids, as explain makes them (t 300,
-    scale 500, 3 DDPM steps, seed 0), computed here in-process."""
+    scale 500, 3 DDPM steps, seed 0), computed here in-process; under NAME + ":model" the same at the
+    model's size (the panel's)."""
     from medcfx.data import PreprocessConfig
     from medcfx.diffusion import Schedule
     from medcfx_mediffusion import counterfactual as cf
@@ -39,7 +40,9 @@ def _maps(home, pp, paths):
             x_cf = run_counterfactual(model, codec, schedule, x, "bce", targets, [500.0], 300, STEPS, "ddpm", 0,
                                       self_check=False)[0]
             u = lambda a: ((a.clamp(-1, 1) + 1) / 2).numpy()  # noqa: E731
-            out[p.name] = geom.to_original(np.abs(u(x_cf[0]) - u(x[0])).mean(0)[None]).astype(np.float32)
+            model_size = np.abs(u(x_cf[0]) - u(x[0])).mean(0)
+            out[p.name] = geom.to_original(model_size[None]).astype(np.float32)
+            out[p.name + ":model"] = model_size.astype(np.float32)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -91,6 +94,16 @@ def test_calibrate_stores_the_healthy_quantile_and_explain_thresholds_at_it(home
         mask = np.asarray(Image.open(folder / "mask.png")) > 0
         diff = expect[png.name]
         np.testing.assert_array_equal(mask, diff > np.float32(t))
+        # panel.png (model-sized tiles, 3 x 3 pixels each) outlines the thresholded map in pure green: the
+        # boundary pixels (4-neighbour) of diff > t at the model's size, in the last tile
+        small = expect[png.name + ":model"] > np.float32(t)
+        edge = small & ~ndimage.binary_erosion(small, structure=ndimage.generate_binary_structure(2, 1))
+        panel = np.asarray(Image.open(folder / "panel.png").convert("RGB"))
+        s = 3 * small.shape[0]
+        last = panel[:, panel.shape[1] - 4 - s:panel.shape[1] - 4]
+        green = (last == [0, 255, 0]).all(axis=2)
+        top = int(np.argmax(green.any(axis=1))) - 3 * int(np.argmax(edge.any(axis=1)))
+        np.testing.assert_array_equal(green[top:top + s:3, ::3], edge)
         flagged += int(mask.sum())
         _, n = ndimage.label(mask, structure=np.ones((3, 3)))
         prov = json.loads((folder / "provenance.json").read_text())

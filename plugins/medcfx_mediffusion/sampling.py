@@ -188,6 +188,9 @@ def _explain_one(request, entry, model, codec, schedule, path, x, geom, final: P
             viz.save_png((mask * 255).astype(np.uint8), folder / "mask.png")
         tiles = [_gray_u8(u_in), _gray_u8(u_rec), _gray_u8(u_cf), viz.heat_rgb(diff), viz.overlay(_gray_u8(u_in), diff)]
         titles = ["input", "AE recon", "counterfactual", f"|diff| max {diff.max():.2f}", "overlay"]
+        if decision is not None:  # the mask's outline on the input (the threshold at the panel's model size)
+            tiles.append(viz.outline(_gray_u8(u_in), diff > decision["threshold"]))
+            titles.append(f"mask ({decision['operating_point']})")
         lines = [f"target {','.join(tg.name for tg in targets)}  t={t}  scale={','.join(f'{s:g}' for s in scales)}",
                  "probability before -> after:", *_titles_text(findings, before, after)]
         if decision is not None:
