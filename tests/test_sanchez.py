@@ -14,6 +14,7 @@ from conftest import cli_env, run_cli
 from medcfx.demo import make_demo
 from medcfx.diffusion import Schedule
 from medcfx_sanchez.counterfactual import CFParams, counterfactual, heatmap
+from medcfx_sanchez.methods import FAST_SAMPLER
 from medcfx_sanchez.train import drop_labels, split_cases
 
 TINY = {
@@ -272,7 +273,7 @@ def test_explain_a_case_folder_writes_aligned_volumes_panels_and_provenance(trai
     prov = json.loads((folder / "provenance.json").read_text())
     entry = json.loads(run_cli(["models", "show", out["model"], "--json"], env=env, check=0).stdout)
     assert prov["model_sha256"] == entry["digest"] and prov["params"]["guidance"] == 3.0
-    # the fast sampler (the default) runs dpm++2m at half the model's saved 4 steps
+    # the fast sampler (the default) runs dpm++2m at 0.4 x the model's saved 4 steps (round(1.6) = 2)
     assert prov["params"]["noise_level"] == 0.75 and prov["params"]["sampler"] == "fast"
     assert prov["params"]["steps"] == 2 and prov["params"]["solver"] == "dpm++2m"
     assert {Path(i["path"]).name for i in prov["inputs"]} >= {"demo_00001_flair.nii.gz", "demo_00001_seg.nii.gz"}
@@ -402,7 +403,7 @@ def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
                     "--noise-level", "0.5", "--max-slices", "4", "--solver", "dpm++2m", "--out", tmp_path / "sw"],
                    env=env, check=0)
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    # the flag reached the sampler; the steps are the fast sampler's, half the model's saved 4
+    # the flag reached the sampler; the steps are the fast sampler's, 0.4 x the model's saved 4 (round: 2)
     assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 2
     assert [(r["guidance"], r["noise_level"]) for r in res["rows"]] == [(0.0, 0.5), (3.0, 0.5)]
     best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
@@ -446,31 +447,34 @@ def _request(method, options=None, explain=None):
     return SimpleNamespace(method=m, options=options or {}, config=config)
 
 
+FAST_STEPS = round(100 * FAST_SAMPLER["step_fraction"])  # of a model saved with 100 steps
+
+
 @pytest.mark.parametrize("method, options, explain, want", [
     # the fast sampler's own values, whatever the model saved at training
-    ("sanchez", {}, {}, ("fast", "dpm++2m", 50, "0:1")),
+    ("sanchez", {}, {}, ("fast", "dpm++2m", FAST_STEPS, "0:1", True)),
     # the paper's loop: the model's saved steps and solver, guidance at every step
-    ("sanchez", {"sampler": "paper"}, {}, ("paper", "ddim", 100, "0:1")),
+    ("sanchez", {"sampler": "paper"}, {}, ("paper", "ddim", 100, "0:1", False)),
     # a flag or a --set value beats the sampler's value
-    ("sanchez", {"steps": 7}, {}, ("fast", "dpm++2m", 7, "0:1")),
-    ("sanchez", {"guidance_interval": "0.3:1"}, {"steps": 30}, ("fast", "dpm++2m", 30, "0.3:1")),
-    ("sanchez", {"sampler": "paper", "solver": "dpm++2m"}, {}, ("paper", "dpm++2m", 100, "0:1")),
-    # the baselines keep the paper's loop by default
-    ("cdpm-classifier", {}, {}, ("paper", "ddim", 100, "0:1")),
-    ("cdpm-healthy", {"sampler": "fast"}, {}, ("fast", "dpm++2m", 50, "0:1")),
+    ("sanchez", {"steps": 7}, {}, ("fast", "dpm++2m", 7, "0:1", True)),
+    ("sanchez", {"guidance_interval": "0.3:1"}, {"steps": 30}, ("fast", "dpm++2m", 30, "0.3:1", True)),
+    ("sanchez", {"sampler": "paper", "solver": "dpm++2m"}, {}, ("paper", "dpm++2m", 100, "0:1", False)),
+    ("sanchez", {"sampler": "paper", "reuse_inversion": True}, {}, ("paper", "ddim", 100, "0:1", True)),
+    # the baselines keep the paper's loop by default; their fast sampler has no null branch to reuse
+    ("cdpm-classifier", {}, {}, ("paper", "ddim", 100, "0:1", False)),
+    ("cdpm-healthy", {"sampler": "fast"}, {}, ("fast", "dpm++2m", FAST_STEPS, "0:1", False)),
 ])
 def test_sampler_presets_and_their_precedence(method, options, explain, want):
     from types import SimpleNamespace
 
-    from medcfx_sanchez.methods import FAST_SAMPLER, _params
+    from medcfx_sanchez.methods import _params
 
     saved = SimpleNamespace(config={"explain": {"steps": 100, "solver": "ddim", "guidance": 3.0}})
     p = _params(_request(method, options, explain), method, saved)
-    assert (p.sampler, p.solver, p.steps, p.guidance_interval) == want
-    if want[0] == "fast" and not options.keys() & {"steps", "guidance_interval"} and not explain:
-        assert (p.solver, p.steps, p.guidance_interval) == (FAST_SAMPLER["solver"],
-                                                            round(100 * FAST_SAMPLER["step_fraction"]),
-                                                            FAST_SAMPLER["guidance_interval"])
+    assert (p.sampler, p.solver, p.steps, p.guidance_interval, p.reuse_inversion) == want
+    if method == "sanchez" and want[0] == "fast" and not options.keys() & {"steps", "guidance_interval"} and not explain:
+        assert (p.solver, p.guidance_interval, p.reuse_inversion) == tuple(
+            FAST_SAMPLER[k] for k in ("solver", "guidance_interval", "reuse_inversion"))
 
 
 def test_guidance_interval_is_refused_for_the_unguided_baseline():
