@@ -155,7 +155,12 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
     from medcfx.loading import load_unet
     from medcfx.nn.flops import count_flops
 
+    from medcfx.bench_volume import SAMPLER_METHODS
+
     check_solver(solver)  # before any model is loaded
+    if registry.resolve(ref).method not in SAMPLER_METHODS:
+        raise UsageError(f"bench times the encode / guided decode of {', '.join(SAMPLER_METHODS)} models; "
+                         f"{registry.resolve(ref).ref} is a {registry.resolve(ref).method} model")
     unet, entry = load_unet(registry, ref)
     d = entry.config.get("diffusion", {"schedule": "linear", "T": 1000})
     schedule = Schedule.create(d["schedule"], d["T"])

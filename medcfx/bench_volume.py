@@ -84,6 +84,9 @@ def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], bat
     if entry.method not in SAMPLER_METHODS:
         raise UsageError(f"--volume compares explain's --sampler paths, which {entry.method} models do not have "
                          f"(methods with them: {', '.join(SAMPLER_METHODS)})")
+    if "--backend" in (extra or []) and (extra or [])[extra.index("--backend") + 1] == "onnx" \
+            and "onnx" not in entry.artifacts:
+        raise UsageError(f"model {entry.ref} has no ONNX export: run `medcfx export {entry.ref} --format onnx`")
     if case is not None and not case.exists():
         raise UsageError(f"--case {case}: no such file or folder")
     rows = []
@@ -102,7 +105,8 @@ def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], bat
     for r in rows:
         r["speedup_vs_first"] = base / r["seconds"]
     table = Table(title=f"explain of one {' x '.join(map(str, shape))} volume with {entry.ref} (batch {batch})")
-    for c in ("sampler", "settings", "s / volume", "sampled slices", "s / sampled slice", "peak RSS", "vs first"):
+    for c in ("sampler", "settings", "s / volume", "sampled slices", "s / sampled slice", "peak RSS",
+              "speed-up vs first"):
         table.add_column(c)
     for r in rows:
         p = r["params"]

@@ -84,6 +84,14 @@ def _user_layers(config_file: Optional[Path], sets: list[str]) -> list[dict]:
     return ([cfgmod.load_yaml(config_file)] if config_file else []) + [cfgmod.parse_set(sets)]
 
 
+def _merged(layers: list[dict]) -> dict:
+    """The user's layers merged (already checked against the method's keys by _resolve_config)."""
+    out: dict = {}
+    for layer in layers:
+        out = cfgmod.deep_merge(out, layer or {})
+    return out
+
+
 def _resolve_config(method: Method, command: str, layers: list[dict], preset: Optional[str] = None) -> dict:
     defaults = dict(method.defaults)
     presets = defaults.pop("presets", {})
@@ -212,6 +220,9 @@ def _print_config(m: Method, command: str, config: dict, preset: Optional[str] =
     if model:
         typer.echo(f"# --model {model}: the settings the model fixes (preprocess, its sampling defaults) "
                    f"are in `medcfx models show {model}`")
+    note = m.config_note(config) if m.config_note is not None and command != "train" else ""
+    if note:
+        typer.echo(f"# {note}")
     typer.echo(yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True).rstrip())
     raise typer.Exit(0)
 
@@ -281,7 +292,8 @@ def _inference_request(command: str, ctx: typer.Context, method: Optional[str], 
         if command == "sample":
             staging.sweep(out.absolute().parent)  # sample stages the whole --out folder beside it
     request = Request(command=command, method=m, options=options, config=config, model=model, out=out,
-                      device=device, seed=seed, registry=registry, console=console, **kw)
+                      device=device, seed=seed, registry=registry, console=console,
+                      user_config=_merged(layers), **kw)
     return m, request
 
 

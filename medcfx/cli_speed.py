@@ -42,30 +42,39 @@ def add_speed_commands(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
         ref: str = typer.Argument(..., help="Registry reference of the model to time."),
-        backend: str = typer.Option("reference,torch,bf16", "--backend",
-                                    help="Comma-separated paths: reference, torch, bf16, onnx."),
+        backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated paths: reference, torch, bf16, "
+                                                                     "onnx (default reference,torch,bf16); --volume: "
+                                                                     "explain's backend, torch or onnx."),
         batch: Optional[str] = typer.Option(None, "--batch", help="Comma-separated batch sizes (default 1,8; "
                                                                   "--volume: one, default 8)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the model's)."),
         repeats: int = typer.Option(1, "--repeats", help="Best of this many runs."),
-        solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default) or dpm++2m for every path but "
-                                                                   "'reference'; --volume: passed to explain."),
+        solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default), dpm++2m or dpm++3m for every path "
+                                                                   "but 'reference'; --volume: passed to explain."),
         volume: bool = typer.Option(False, "--volume", help="Time `medcfx explain` of one whole volume end to end "
                                                           "instead (per volume, per sampled slice, peak RSS)."),
         case: Optional[Path] = typer.Option(None, "--case", help="--volume: the case to explain (default: a "
                                                                 "synthetic BraTS-sized 240x240x155 case)."),
-        sampler: str = typer.Option("paper,fast", "--sampler", help="--volume: comma-separated explain samplers, "
-                                                                   "one run each (paper, fast)."),
+        sampler: Optional[str] = typer.Option(None, "--sampler", help="--volume: comma-separated explain samplers, "
+                                                                     "one run each (default paper,fast)."),
     ) -> None:
         """Time counterfactual sampling of a model on this machine (seconds per slice, GFLOP/s, agreement), or with
         --volume one whole volume through `medcfx explain` per sampler."""
         from medcfx.bench import bench
 
+        from medcfx.diffusion import SOLVERS
         from medcfx.method import check_bounds
 
+        if solver is not None and solver not in SOLVERS:
+            raise UsageError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if not volume and (case is not None or sampler is not None):
+            raise UsageError(f"{'--case' if case is not None else '--sampler'} applies with --volume only")
+        if volume and repeats != 1:
+            raise UsageError("--repeats applies to the slice bench, not to --volume (one explain run per sampler)")
         if volume:
             from medcfx.bench_volume import bench_volume
 
+            sampler = sampler or "paper,fast"
             samplers = [s.strip() for s in sampler.split(",") if s.strip()]
             bad = [s for s in samplers if s not in ("paper", "fast")]
             if bad or not samplers:
@@ -78,8 +87,11 @@ def add_speed_commands(app: typer.Typer) -> None:
             except ValueError:
                 raise UsageError(f"--batch expects an integer, got {batch!r}") from None
             check_bounds("--batch", b, "[1, inf)")
+            if backend is not None and backend not in ("torch", "onnx"):
+                raise UsageError(f"--volume runs explain with one --backend, torch or onnx; got {backend!r}")
             extra = [*(["--steps", str(steps)] if steps is not None else []),
-                     *(["--solver", solver] if solver is not None else [])]
+                     *(["--solver", solver] if solver is not None else []),
+                     *(["--backend", backend] if backend is not None else [])]
             bench_volume(_registry(), ref, case, samplers, b, console, extra=extra)
             return
 
@@ -93,5 +105,6 @@ def add_speed_commands(app: typer.Typer) -> None:
         check_bounds("--repeats", repeats, "[1, inf)")
         if steps is not None:
             check_bounds("--steps", steps, "[1, inf)")
+        backend = backend or "reference,torch,bf16"
         bench(_registry(), ref, [b.strip() for b in backend.split(",") if b.strip()], batches, steps, repeats, console,
               solver=solver)

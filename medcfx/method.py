@@ -141,6 +141,7 @@ class Request:
     registry: Any = None
     console: Any = None
     extra: dict = field(default_factory=dict)
+    user_config: dict = field(default_factory=dict)  # only the keys the user set (-c file, --set)
 
     def log(self, message: str) -> None:
         """Print one line to the user (plain text: file names with brackets are not read as markup)."""
@@ -170,6 +171,8 @@ class Method:
     deterministic: dict[str, str] = field(default_factory=dict)
     # explain runs through medcfx.batch.run_explain (shards, resume, summary.csv)
     batch: bool = False
+    # config -> a line --print-config adds for inference commands, where keys are not what runs as written
+    config_note: Any = None
     plugin: str = ""  # filled in by the plugin manager
 
     def __post_init__(self) -> None:

@@ -54,10 +54,27 @@ def test_volume_bench_refuses_bad_options_before_work(args, message, home):
     assert p.returncode != 0 and message in p.stderr, p.stderr
 
 
-def test_volume_bench_refuses_a_method_without_samplers(home):
+@pytest.mark.parametrize("args, message", [
+    (["--volume", "--repeats", "0"], "--repeats applies to the slice bench"),
+    (["--volume", "--backend", "reference"], "one --backend, torch or onnx"),
+    (["--volume", "--backend", "onnx"], "has no ONNX export"),
+    (["--volume", "--solver", "heun"], "--solver must be one of ddim, dpm++2m, dpm++3m"),
+    (["--solver", "heun"], "--solver must be one of"),
+    (["--sampler", "fast"], "--sampler applies with --volume only"),
+    (["--case", "x"], "--case applies with --volume only"),
+])
+def test_bench_options_that_do_not_apply_are_refused(args, message, home):
+    p = subprocess.run([sys.executable, "-m", "medcfx", "bench", "sanchez-demo", *args], capture_output=True, text=True)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_bench_refuses_a_method_without_samplers(home):
     p = subprocess.run([sys.executable, "-m", "medcfx", "bench", "restoration-demo", "--volume"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "--sampler paths" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "medcfx", "bench", "restoration-demo", "--batch", "1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "restoration-demo:1 is a restoration model" in p.stderr, p.stderr
 
 
 def test_measured_peak_rss_is_the_commands_own_not_the_parents():

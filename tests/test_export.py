@@ -143,7 +143,7 @@ def test_bench_paths_agree_with_the_reference_loop(home):
     same = bench(reg, entry.ref, ["reference", "torch"], [2], 12, 1, Console(file=io.StringIO()))
     assert same[1]["max_heatmap_diff"] < 1e-4
     proc = run_cli(["bench", entry.ref, "--solver", "euler"], env=cli_env(home))
-    assert proc.returncode != 0 and "unknown solver 'euler'" in proc.stderr
+    assert proc.returncode == 2 and "--solver must be one of ddim, dpm++2m, dpm++3m, got 'euler'" in proc.stderr
 
 
 def test_io_binding_path_gives_the_same_eps_as_the_feed_path(tmp_path):

@@ -220,7 +220,8 @@ def test_cfg_label_dropout_rate_and_case_split():
 
 
 @pytest.mark.parametrize("bad", [dict(noise_level=0), dict(noise_level=1.5), dict(steps=0), dict(dn_percentile=0.2),
-                                 dict(guidance=-1), dict(solver="heun")])
+                                 dict(guidance=-1), dict(solver="heun"),
+                                 dict(noise_level=0.04, steps=10)])  # L = round(0.4) = 0: no encoding at all
 def test_bad_sampling_parameters_are_refused(bad):
     from medcfx.errors import UsageError
 
@@ -437,6 +438,7 @@ def test_bundled_demo_model_leaves_healthy_slices_nearly_unchanged_and_marks_les
 
 
 def _request(method, options=None, explain=None):
+    """A request as the CLI makes it: ``explain`` are the keys the user set with -c / --set."""
     from types import SimpleNamespace
 
     from medcfx.config import deep_merge
@@ -444,7 +446,7 @@ def _request(method, options=None, explain=None):
 
     m = get_plugins().method(method)
     config = deep_merge(m.defaults, {"explain": explain or {}})
-    return SimpleNamespace(method=m, options=options or {}, config=config)
+    return SimpleNamespace(method=m, options=options or {}, config=config, user_config={"explain": explain or {}})
 
 
 FAST_STEPS = round(100 * FAST_SAMPLER["step_fraction"])  # of a model saved with 100 steps
@@ -460,6 +462,8 @@ FAST_STEPS = round(100 * FAST_SAMPLER["step_fraction"])  # of a model saved with
     ("sanchez", {"guidance_interval": "0.3:1"}, {"steps": 30}, ("fast", "dpm++2m", 30, "0.3:1", True)),
     ("sanchez", {"sampler": "paper", "solver": "dpm++2m"}, {}, ("paper", "dpm++2m", 100, "0:1", False)),
     ("sanchez", {"sampler": "paper", "reuse_inversion": True}, {}, ("paper", "ddim", 100, "0:1", True)),
+    # --set values equal to the method's defaults still beat the fast sampler's (they were given)
+    ("sanchez", {}, {"steps": 100, "solver": "ddim", "reuse_inversion": False}, ("fast", "ddim", 100, "0:1", False)),
     # the baselines keep the paper's loop by default; their fast sampler has no null branch to reuse
     ("cdpm-classifier", {}, {}, ("paper", "ddim", 100, "0:1", False)),
     ("cdpm-healthy", {"sampler": "fast"}, {}, ("fast", "dpm++2m", FAST_STEPS, "0:1", False)),
@@ -489,3 +493,12 @@ def test_guidance_interval_is_refused_for_the_unguided_baseline():
     with pytest.raises(UsageError, match="--reuse-inversion: cdpm-classifier has no classifier-free null branch"):
         _params(_request("cdpm-classifier", {"reuse_inversion": True}), "cdpm-classifier",
                 SimpleNamespace(config={"explain": {}}))
+
+
+def test_print_config_says_which_explain_keys_the_sampler_replaces(home):
+    fast = run_cli(["explain", "models/demo-inputs/brain/demo_case", "--model", "sanchez-demo", "--print-config"],
+                   env=cli_env(home), check=0).stdout.splitlines()
+    assert any(ln.startswith("# explain.sampler fast: the run uses dpm++2m at 0.4 x") for ln in fast)
+    paper = run_cli(["explain", "models/demo-inputs/brain/demo_case", "--model", "sanchez-demo", "--print-config",
+                     "--set", "explain.sampler=paper"], env=cli_env(home), check=0).stdout.splitlines()
+    assert any(ln.startswith("# explain.sampler paper: the authors' loop") for ln in paper)

@@ -60,7 +60,10 @@ class CFParams:
         if not (self.dn_percentile == 0 or 0.5 <= self.dn_percentile < 1):
             raise UsageError(f"--dn-percentile must be 0 (off) or in [0.5, 1), got {self.dn_percentile}")
         if self.solver not in SOLVERS:
-            raise UsageError(f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+            raise UsageError(f"--solver (explain.solver) must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if round(self.noise_level * self.steps) < 1:  # L = 0: no encoding, x_cf = x, an all-zero heatmap
+            raise UsageError(f"--noise-level {self.noise_level:g} x --steps {self.steps} encodes by 0 steps "
+                             f"(L = round(noise_level x steps) must be >= 1): the heatmap would be 0 everywhere")
         if self.guidance < 0:
             raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
         return self
@@ -73,9 +76,10 @@ def parse_interval(value) -> tuple[float, float]:
         lo, hi = (value.split(":") if isinstance(value, str) else value)
         lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise UsageError(f"--guidance-interval must be LO:HI (fractions of T, e.g. 0.2:1), got {value!r}") from None
+        raise UsageError(f"--guidance-interval (explain.guidance_interval) must be LO:HI (fractions of T, e.g. 0.2:1), "
+                         f"got {value!r}") from None
     if not 0.0 <= lo <= hi <= 1.0:
-        raise UsageError(f"--guidance-interval needs 0 <= LO <= HI <= 1, got {value!r}")
+        raise UsageError(f"--guidance-interval (explain.guidance_interval) needs 0 <= LO <= HI <= 1, got {value!r}")
     return lo, hi
 
 

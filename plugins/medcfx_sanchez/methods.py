@@ -58,17 +58,18 @@ def _sampling_options(method: str) -> list[Option]:
                bounds="(0, 1]"),
         Option("sampler", str, None, "fast (default for sanchez: " + FAST_TEXT + ") or paper (the authors' loop: "
                                      "DDIM at the model's steps, guidance at every step)", choices=SAMPLERS),
-        Option("steps", int, None, "respaced steps (default: the model's, 100 for the bundled one; the fast "
-                                   "sampler runs 0.4 x as many)", bounds="[1, inf)"),
+        Option("steps", int, None, "respaced steps, used as given (default: the model's with --sampler paper, 100 "
+                                   "for the bundled one; 0.4 x that with the fast sampler)", bounds="[1, inf)"),
         Option("dn_percentile", float, None, "dynamic normalisation percentile; 0 = static clip (default 0.99)",
                bounds="[0, 1)"),
-        Option("solver", str, None, "encode/decode solver: ddim (the paper) or dpm++2m (second order; for "
-                                    "fewer --steps)", choices=SOLVERS),
+        Option("solver", str, None, "encode/decode solver: ddim (the paper), dpm++2m (second order; for fewer "
+                                    "--steps) or dpm++3m (third order)", choices=SOLVERS),
         Option("guidance_interval", str, None, "LO:HI: guide only where LO <= t/T <= HI, the healthy branch alone "
                                                "elsewhere (half the cost per step; default 0:1 = every step)"),
         Option("reuse_inversion", bool, None, "take the decode's null branch from the inversion at the same "
                                               "timestep (one forward per guided step instead of two; not the "
-                                              "paper's; cost in docs/speed.md)"),
+                                              "paper's; cost in docs/speed.md; --reuse-inversion=false "
+                                              "turns the fast sampler's off)"),
         Option("batch_size", int, None, "slices per batch (default 8)", bounds="[1, inf)"),
     ]
 
@@ -109,15 +110,20 @@ DECISION_EXTRA = [
 
 
 def _params(request, method: str, entry=None) -> CFParams:
-    """Sampling parameters, by precedence: the flag (--guidance ...), a -c/--set value that differs from the
-    method's default, the model's own ``explain`` config (saved at training), the method's default."""
+    """Sampling parameters, by precedence: the flag (--guidance ...), a -c/--set value (one the user gave,
+    even if it equals the default), the --sampler's value (fast), the model's own ``explain`` config (saved at
+    training), the method's default."""
     defaults = request.method.defaults.get("explain", {})
     user = request.config.get("explain", {})
     saved = entry.config.get("explain", {}) if entry is not None else {}
 
+    explicit = (getattr(request, "user_config", None) or {}).get("explain", {})  # -c / --set keys, as given
+
     def pick(name, fallback, preset=None):
         if request.options.get(name) is not None:
             return request.options[name]
+        if name in explicit:
+            return explicit[name]
         if name in user and user[name] != defaults.get(name):
             return user[name]
         if preset is not None and name in preset:
@@ -126,7 +132,7 @@ def _params(request, method: str, entry=None) -> CFParams:
 
     sampler = str(pick("sampler", "paper"))
     if sampler not in SAMPLERS:
-        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        raise UsageError(f"--sampler (explain.sampler) must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     fast = None
     if sampler == "fast":  # the model's (paper) step count scaled, so that a model saved with few steps stays fast
         paper_steps = int(pick("steps", 100, {}))
@@ -404,6 +410,14 @@ def _with_options(request, options: dict):
 # ---------------------------------------------------------------------------------------------- registration
 
 
+def _config_note(config: dict) -> str:
+    """--print-config's line on which explain keys the run uses (the fast sampler replaces three of them)."""
+    if config.get("explain", {}).get("sampler") != "fast":
+        return "explain.sampler paper: the authors' loop at the model's explain.steps; provenance.json records what ran"
+    return (f"explain.sampler fast: the run uses {FAST_TEXT}, not explain.steps / solver / reuse_inversion as "
+            f"listed (those are --sampler paper's) unless you set them; provenance.json records what ran")
+
+
 def _defaults(method: str) -> dict:
     d = deep_merge(DEFAULTS, {"explain": {"guidance": DEFAULT_GUIDANCE[method],
                                           "sampler": "fast" if method == "sanchez" else "paper"}})
@@ -434,6 +448,7 @@ def methods() -> list[Method]:
                      "calibrate": sampling + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
             deterministic=dict.fromkeys(("explain", "evaluate", "calibrate"), f"the {name} counterfactual is deterministic "
                                                                   f"(DDIM encode/decode)"),
+            config_note=_config_note,
         ))
     out.append(Method(
         name="threshold", summary="baseline: intensity thresholding of one channel (Meissen et al. 2021)",
