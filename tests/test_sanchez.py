@@ -401,11 +401,12 @@ def test_threshold_evaluation_matches_sklearn(brain, tmp_path, home):
 def test_sweep_recommends_the_best_pair(trained, brain, tmp_path):
     home, env, out = trained
     proc = run_cli(["sweep", "sanchez", "--model", out["model"], "--data", brain, "--guidance", "0,3",
-                    "--noise-level", "0.5", "--max-slices", "4", "--solver", "dpm++2m", "--out", tmp_path / "sw"],
+                    "--noise-level", "0.5", "--max-slices", "4", "--solver", "dpm++2m", "--steps", "4",
+                    "--out", tmp_path / "sw"],
                    env=env, check=0)
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    # the flag reached the sampler; the steps are the fast sampler's, 0.4 x the model's saved 4 (round: 2)
-    assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 2
+    # the flags reached the sampler (the fast sampler's own 2 steps would encode 0.5 of them to t = 0: refused)
+    assert res["settings"]["solver"] == "dpm++2m" and res["settings"]["steps"] == 4
     assert [(r["guidance"], r["noise_level"]) for r in res["rows"]] == [(0.0, 0.5), (3.0, 0.5)]
     best = max(res["rows"], key=lambda r: r["pixel_ideal_Dice"])
     assert res["recommended"] == best
@@ -479,6 +480,24 @@ def test_sampler_presets_and_their_precedence(method, options, explain, want):
     if method == "sanchez" and want[0] == "fast" and not options.keys() & {"steps", "guidance_interval"} and not explain:
         assert (p.solver, p.guidance_interval, p.reuse_inversion) == tuple(
             FAST_SAMPLER[k] for k in ("solver", "guidance_interval", "reuse_inversion"))
+
+
+def test_settings_that_encode_to_no_noise_are_refused():
+    """--steps 1 gives the grid [t = 0]: L = 1 encodes to model timestep 0, so the counterfactual is the input
+    (a heatmap of about 0, a perfect self-check: a plausible "no lesion"). Refused, naming --steps; 2 steps
+    (t = 500) pass."""
+    from types import SimpleNamespace
+
+    from medcfx.errors import UsageError
+    from medcfx_sanchez.methods import _params
+
+    saved = SimpleNamespace(config={"explain": {"steps": 100}, "diffusion": {"schedule": "linear", "T": 1000}})
+    with pytest.raises(UsageError, match="--steps 1 with --noise-level 0.75 encodes only to model timestep 0"):
+        _params(_request("sanchez", {"steps": 1}), "sanchez", saved)
+    assert _params(_request("sanchez", {"steps": 2}), "sanchez", saved).steps == 2
+    # the fast sampler never picks 1 step itself: a model saved with 2 (0.4 x 2 = 0.8) keeps 2
+    saved.config["explain"]["steps"] = 2
+    assert _params(_request("sanchez"), "sanchez", saved).steps == 2
 
 
 def test_guidance_interval_is_refused_for_the_unguided_baseline():

@@ -136,7 +136,8 @@ def _params(request, method: str, entry=None) -> CFParams:
     fast = None
     if sampler == "fast":  # the model's (paper) step count scaled, so that a model saved with few steps stays fast
         paper_steps = int(pick("steps", 100, {}))
-        fast = {**FAST_SAMPLER, "steps": max(1, round(paper_steps * FAST_SAMPLER["step_fraction"])),
+        steps = max(min(paper_steps, 2), round(paper_steps * FAST_SAMPLER["step_fraction"]))  # 1 step: t = 0 only
+        fast = {**FAST_SAMPLER, "steps": steps,
                 "reuse_inversion": FAST_SAMPLER["reuse_inversion"] and GUIDANCE_KIND[method] == "cfg"}
     params = CFParams(sampler=sampler, guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
                       noise_level=float(pick("noise_level", 0.75)), steps=int(pick("steps", 100, fast)),
@@ -144,6 +145,12 @@ def _params(request, method: str, entry=None) -> CFParams:
                       solver=str(pick("solver", "ddim", fast)),
                       guidance_interval=pick("guidance_interval", "0:1", fast),
                       reuse_inversion=bool(pick("reuse_inversion", False, fast))).check()
+    d = (entry.config.get("diffusion") if entry is not None else None) or {"schedule": "linear", "T": 1000}
+    grid = Schedule.create(d["schedule"], d["T"]).respace(f"ddim{params.steps}")
+    if grid.t_of(grid.level_for_fraction(params.noise_level)) == 0:  # L = 1 on a grid that starts at t = 0
+        raise UsageError(f"--steps {params.steps} with --noise-level {params.noise_level:g} encodes only to model "
+                         f"timestep 0 (no noise): the counterfactual would be the input and the heatmap about 0; "
+                         f"use more --steps")
     if GUIDANCE_KIND[method] == "none" and params.guidance_interval != "0:1":
         raise UsageError(f"--guidance-interval: {method} decodes without guidance; the option does not apply")
     if GUIDANCE_KIND[method] != "cfg" and params.reuse_inversion:

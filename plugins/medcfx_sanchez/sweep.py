@@ -32,9 +32,13 @@ def add_sweep_command(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="Small annotated validation set."),
         guidance: str = typer.Option("1,3,5", "--guidance", help="Comma-separated guidance scales."),
         noise_level: str = typer.Option("0.5,0.75,1.0", "--noise-level", help="Comma-separated noise levels."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDIM steps (default 100)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Respaced steps (default: the sampler's; 0.4 x the "
+                                                                 "model's with the fast sampler)."),
+        sampler: Optional[str] = typer.Option(None, "--sampler", help="fast (sanchez's default) or paper (the "
+                                                                     "authors' loop); docs/speed.md."),
         dn_percentile: Optional[float] = typer.Option(None, "--dn-percentile"),
-        solver: Optional[str] = typer.Option(None, "--solver", help="ddim (default) or dpm++2m."),
+        solver: Optional[str] = typer.Option(None, "--solver", help="ddim, dpm++2m or dpm++3m (default: the "
+                                                                   "sampler's)."),
         max_slices: int = typer.Option(32, "--max-slices", help="Validation slices per case and setting, spread evenly (0: all)."),
         slice_stride: int = typer.Option(1, "--slice-stride"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -81,7 +85,7 @@ def add_sweep_command(app: typer.Typer) -> None:
         for w in ws:
             for level in ls:
                 opts = {"guidance": w, "noise_level": level, "steps": steps, "dn_percentile": dn_percentile,
-                        "solver": solver, "max_slices": max_slices, "slice_stride": slice_stride,
+                        "solver": solver, "sampler": sampler, "max_slices": max_slices, "slice_stride": slice_stride,
                         "batch_size": batch_size}
                 r = run_evaluation(request, method, entry, opts, data)
                 settings = {k: v for k, v in r["context"].items() if k not in ("guidance", "noise_level")}
