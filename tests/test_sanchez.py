@@ -495,9 +495,13 @@ def test_settings_that_encode_to_no_noise_are_refused():
     with pytest.raises(UsageError, match="--steps 1 with --noise-level 0.75 encodes only to model timestep 0"):
         _params(_request("sanchez", {"steps": 1}), "sanchez", saved)
     assert _params(_request("sanchez", {"steps": 2}), "sanchez", saved).steps == 2
-    # the fast sampler never picks 1 step itself: a model saved with 2 (0.4 x 2 = 0.8) keeps 2
+    # the fast sampler itself never picks a grid that encodes to t = 0: a model saved with 2 steps (0.4 x 2 =
+    # 0.8) keeps 2; one saved with 6 steps at noise level 0.5 gets 3 (2 would give L = 1, t = 0), not 0.4 x 6
     saved.config["explain"]["steps"] = 2
     assert _params(_request("sanchez"), "sanchez", saved).steps == 2
+    saved.config["explain"].update(steps=6, noise_level=0.5)
+    p = _params(_request("sanchez"), "sanchez", saved)
+    assert p.steps == 3 and round(p.noise_level * p.steps) == 2
 
 
 def test_guidance_interval_is_refused_for_the_unguided_baseline():

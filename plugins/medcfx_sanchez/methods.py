@@ -136,7 +136,9 @@ def _params(request, method: str, entry=None) -> CFParams:
     fast = None
     if sampler == "fast":  # the model's (paper) step count scaled, so that a model saved with few steps stays fast
         paper_steps = int(pick("steps", 100, {}))
-        steps = max(min(paper_steps, 2), round(paper_steps * FAST_SAMPLER["step_fraction"]))  # 1 step: t = 0 only
+        steps, noise = round(paper_steps * FAST_SAMPLER["step_fraction"]), float(pick("noise_level", 0.75))
+        while steps < paper_steps and round(noise * steps) < 2:  # L = 0 or 1 encodes to t = 0 at most: too few
+            steps += 1
         fast = {**FAST_SAMPLER, "steps": steps,
                 "reuse_inversion": FAST_SAMPLER["reuse_inversion"] and GUIDANCE_KIND[method] == "cfg"}
     params = CFParams(sampler=sampler, guidance=float(pick("guidance", DEFAULT_GUIDANCE[method])),
