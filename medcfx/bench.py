@@ -85,9 +85,10 @@ def run_path(unet, schedule, x: torch.Tensor, path: SamplingPath, steps: int = 1
         record = InversionRecord(den) if path.reuse_inversion else den
         x_l = encode(record, x, grid, L, cond={"y": torch.full((b,), null, device=x.device)}, x0_process=proc,
                      solver=path.solver)
-        guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
         if path.reuse_inversion:
             guided = record.guided(guidance, null)
+        else:
+            guided = classifier_free(den, guidance, null) if path.batched_cfg else _two_pass_cfg(den, guidance, null)
         lo, hi = path.guidance_interval
         if (lo, hi) != (0.0, 1.0):
             guided = guidance_interval(guided, den, lo * schedule.T, hi * schedule.T)
@@ -158,9 +159,10 @@ def bench(registry, ref: str, backends: list[str], batches: list[int], steps: in
     from medcfx.bench_volume import SAMPLER_METHODS
 
     check_solver(solver)  # before any model is loaded
-    if registry.resolve(ref).method not in SAMPLER_METHODS:
+    found = registry.resolve(ref)
+    if found.method not in SAMPLER_METHODS:
         raise UsageError(f"bench times the encode / guided decode of {', '.join(SAMPLER_METHODS)} models; "
-                         f"{registry.resolve(ref).ref} is a {registry.resolve(ref).method} model")
+                         f"{found.ref} is a {found.method} model")
     unet, entry = load_unet(registry, ref)
     d = entry.config.get("diffusion", {"schedule": "linear", "T": 1000})
     schedule = Schedule.create(d["schedule"], d["T"])

@@ -72,9 +72,9 @@ def settings_text(params: dict) -> str:
 
 
 def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], batch: int, console,
-                 extra: list[str] | None = None) -> list[dict]:
+                 extra: list[str] | None = None, backend: str | None = None) -> list[dict]:
     """Time ``medcfx explain`` of one volume with each ``--sampler`` in ``samplers`` (same case, same
-    ``--batch-size``; ``extra`` explain arguments for every run). Returns one row per sampler: seconds per
+    ``--batch-size``; ``extra`` explain arguments and ``backend`` for every run). Returns one row per sampler: seconds per
     volume and per sampled slice, sampled / total slices, peak RSS in MiB, speed-up against the first row.
     UsageError before any work for an unknown model or a missing case."""
     import nibabel as nib
@@ -84,8 +84,7 @@ def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], bat
     if entry.method not in SAMPLER_METHODS:
         raise UsageError(f"--volume compares explain's --sampler paths, which {entry.method} models do not have "
                          f"(methods with them: {', '.join(SAMPLER_METHODS)})")
-    if "--backend" in (extra or []) and (extra or [])[extra.index("--backend") + 1] == "onnx" \
-            and "onnx" not in entry.artifacts:
+    if backend == "onnx" and "onnx" not in entry.artifacts:
         raise UsageError(f"model {entry.ref} has no ONNX export: run `medcfx export {entry.ref} --format onnx`")
     if case is not None and not case.exists():
         raise UsageError(f"--case {case}: no such file or folder")
@@ -97,7 +96,8 @@ def bench_volume(registry, ref: str, case: Path | None, samplers: list[str], bat
         first = next(p for p in sorted(case.rglob("*.nii*")) if "seg" not in p.name) if case.is_dir() else case
         shape = tuple(int(s) for s in nib.load(first).shape[:3])
         for i, sampler in enumerate(samplers):
-            args = ["--sampler", sampler, "--batch-size", str(batch), *(extra or [])]
+            args = ["--sampler", sampler, "--batch-size", str(batch), *(extra or []),
+                    *(["--backend", backend] if backend else [])]
             r = run_explain(case, entry.ref, Path(tmp) / f"out{i}", args)
             rows.append({"sampler": sampler, "volume_shape": list(shape), "batch": batch, **r,
                          "seconds_per_sampled_slice": r["seconds"] / max(r["sampled_slices"], 1)})

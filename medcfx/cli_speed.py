@@ -90,9 +90,8 @@ def add_speed_commands(app: typer.Typer) -> None:
             if backend is not None and backend not in ("torch", "onnx"):
                 raise UsageError(f"--volume runs explain with one --backend, torch or onnx; got {backend!r}")
             extra = [*(["--steps", str(steps)] if steps is not None else []),
-                     *(["--solver", solver] if solver is not None else []),
-                     *(["--backend", backend] if backend is not None else [])]
-            bench_volume(_registry(), ref, case, samplers, b, console, extra=extra)
+                     *(["--solver", solver] if solver is not None else [])]
+            bench_volume(_registry(), ref, case, samplers, b, console, extra=extra, backend=backend)
             return
 
         batch, solver = batch or "1,8", solver or "ddim"
