@@ -134,7 +134,7 @@ def cases_reader(cfg: PreprocessConfig, channels: int, options: dict):
 
 
 def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size: int, context: dict,
-                   self_check=None) -> dict:
+                   self_check=None, flips=None) -> dict:
     """``medcfx evaluate`` for a map-producing method: thresholds from ``--val`` (calibrated now on that
     validation set with the same settings), else from the calibration stored with ``entry``, else none (only
     the threshold-free metrics and the oracle); then every case of ``request.data`` scored on its own grid
@@ -143,7 +143,10 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
     ``map_batch``: see :mod:`medcfx.scoring`; ``cases_of(path)``: an iterator of the InputCases of a data
     folder as the method reads them; ``context``: the settings to report (sampling parameters ...);
     ``self_check(case) -> dict | None``: a counterfactual method's inversion self-check of one case (keys
-    ``mean_abs_error`` (list), ``limit``, ``flagged``), reported per case and summarised."""
+    ``mean_abs_error`` (list), ``limit``, ``flagged``), reported per case and summarised; ``flips``: a
+    classifier-guided method's recorder of P(target) before / after (``take(n_slices, heatmap, lesion,
+    region) -> record`` per case, ``summary(records)``; see medcfx_sanchez.flip), reported per case and as
+    ``flip`` in the settings."""
     from medcfx.scoring import calibrate_cases, calibration_of, score_cases
     from medcfx.train import data_fingerprint
 
@@ -152,7 +155,8 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
     if val is not None:
         cal = calibrate_cases(cases_of(val), map_batch, batch_size, request.device, method=method,
                               data_fingerprint=data_fingerprint(val), fpr=float(request.extra.get("fpr") or 0.05),
-                              unannotated_healthy=bool(request.extra.get("healthy")))
+                              unannotated_healthy=bool(request.extra.get("healthy")),
+                              progress=None if flips is None else lambda case, heat: flips.take(len(case.slice_index)))
         thresholds = cal.thresholds()
         context["calibration"] = {"source": f"--val {Path(val).absolute()}", **cal.to_dict()}
     elif (stored := calibration_of(entry)) is not None:
@@ -162,10 +166,12 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
         context["calibration"] = "none: no thresholded Dice (calibrate the model, or give --val VALIDATION_SET)"
         request.log(f"{entry.ref if entry else method} has no calibration: Dice at an operating point is not "
                       f"reported (run `medcfx calibrate` or give --val)")
-    slices, checks = [0], {}
+    slices, checks, flip_records = [0], {}, {}
 
-    def done(case) -> None:
+    def done(case, heat) -> None:
         slices[0] += len(case.slice_index)
+        if flips is not None:  # first: the recorder holds this case's slices until taken
+            flip_records[case.id] = flips.take(len(case.slice_index), heat, case.result.lesion, case.scored_region)
         if self_check is not None and (c := self_check(case)) is not None:
             checks[case.id] = c
 
@@ -179,10 +185,19 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
         context["self_check"] = {"cases": len(checks), "flagged": sum(c["flagged"] for c in checks.values()),
                                  "limit": next(iter(checks.values()))["limit"], "mean_worst_error": float(np.mean(worst)),
                                  "max_error": float(max(worst))}
+    per_case = {k: {"self_check_error": max(c["mean_abs_error"]), "self_check_flagged": c["flagged"]}
+                for k, c in checks.items()}
+    if flip_records:
+        context["flip"] = f = flips.summary(list(flip_records.values()))
+        for k, r in flip_records.items():
+            per_case.setdefault(k, {}).update({
+                "p_target_before": r["p_target_before_mean"], "p_target_after": r["p_target_after_mean"],
+                "flip_rate": r["flip_rate"], "off_target_image_change": r["off_target_image_change"]})
+        rate = "n/a (no slice started on the other side)" if f["flip_rate"] is None else f"{f['flip_rate']:.3f}"
+        request.log(f"flip to {f['target']} ({f['judge']}): {f['flipped']} of {f['counted']} slices, rate {rate}; "
+                    f"mean P({f['target']}) {f['p_target_before_mean']:.3f} -> {f['p_target_after_mean']:.3f}")
     return report(request, method, entry.ref if entry is not None else "-", cm, context,
-                  request.extra.get("n_resamples"),
-                  per_case_extra={k: {"self_check_error": max(c["mean_abs_error"]), "self_check_flagged": c["flagged"]}
-                                  for k, c in checks.items()})
+                  request.extra.get("n_resamples"), per_case_extra=per_case)
 
 
 def calibrate_entry(request, method: str, entry, map_batch, cases_of, batch_size: int, settings: dict) -> dict:

@@ -57,10 +57,11 @@ def _slice_labels(case: InputCase) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_cases(cases: Iterable[InputCase], map_batch: MapBatch, batch_size: int, device: str = "cpu",
-                thresholds: dict[str, float] | None = None, progress: Callable[[InputCase], None] | None = None
-                ) -> CaseMetrics:
+                thresholds: dict[str, float] | None = None,
+                progress: Callable[[InputCase, np.ndarray], None] | None = None) -> CaseMetrics:
     """Stream the cases' maps, on each input's grid inside its foreground, into a CaseMetrics with the named
-    ``thresholds`` (rule ``score > threshold``). Image-level scores: the mean of each sampled slice's
+    ``thresholds`` (rule ``score > threshold``); ``progress(case, heatmap)`` after each case, with its map on
+    the input's grid. Image-level scores: the mean of each sampled slice's
     model-sized map, labelled by whether the slice holds lesion. Raises MedcfxError naming a case without a
     lesion mask (an evaluation needs one per case) or when there is no case."""
     cm = CaseMetrics(thresholds or {})
@@ -71,13 +72,14 @@ def score_cases(cases: Iterable[InputCase], map_batch: MapBatch, batch_size: int
             raise MedcfxError(f"{case.source}: case {case.id} has no lesion mask; evaluation needs one per case "
                               f"(a _seg file, masks/, or an nnU-Net label)")
         maps = slice_maps(case, map_batch, batch_size, device)
-        cm.update(case.id, native_map(case, maps), lesion, case.scored_region)
+        heat = native_map(case, maps)
+        cm.update(case.id, heat, lesion, case.scored_region)
         labels, known = _slice_labels(case)
         if known.any():
             cm.add_images(case.id, maps.reshape(len(maps), -1).mean(1)[known], labels[known])
         n += 1
         if progress is not None:
-            progress(case)
+            progress(case, heat)
     if n == 0:
         raise MedcfxError("no case to evaluate")
     return cm
@@ -85,7 +87,7 @@ def score_cases(cases: Iterable[InputCase], map_batch: MapBatch, batch_size: int
 
 def calibrate_cases(cases: Iterable[InputCase], map_batch: MapBatch, batch_size: int, device: str, *, method: str,
                     data_fingerprint: str, fpr: float = DEFAULT_FPR, unannotated_healthy: bool = False,
-                    progress: Callable[[InputCase], None] | None = None) -> Calibration:
+                    progress: Callable[[InputCase, np.ndarray], None] | None = None) -> Calibration:
     """Operating points from validation cases (:func:`medcfx.operating_points.calibrate`): the threshold at
     ``fpr`` on healthy foreground voxels and, with lesion masks, the best-Dice threshold. A case without a
     lesion mask is refused (UsageError naming it) unless ``unannotated_healthy`` says such cases hold no
@@ -99,10 +101,11 @@ def calibrate_cases(cases: Iterable[InputCase], map_batch: MapBatch, batch_size:
                 raise UsageError(f"{case.source}: case {case.id} has no lesion mask; give annotated validation "
                                  f"cases, or --healthy if every unannotated case is healthy")
             lesion = np.zeros(case.result.foreground.shape, bool)
-        pm.update(native_map(case, slice_maps(case, map_batch, batch_size, device)), lesion, case.scored_region)
+        heat = native_map(case, slice_maps(case, map_batch, batch_size, device))
+        pm.update(heat, lesion, case.scored_region)
         n += 1
         if progress is not None:
-            progress(case)
+            progress(case, heat)
     if n == 0:
         raise MedcfxError("no validation case to calibrate on")
     if pm.neg.sum() == 0:

@@ -33,6 +33,7 @@ from medcfx.provenance import record, write_json
 from medcfx.train import register_fit
 
 from .counterfactual import HEALTHY, SOLVERS, CFParams, counterfactual, heatmap, reconstruction
+from .flip import FlipRecorder
 from .networks import DEFAULTS, NoisyClassifier
 from .train import saved_config, train_classifier, train_diffusion
 
@@ -182,12 +183,14 @@ class Mapper:
         self.denoiser = denoiser_for(request, entry, model)
         self.channels = model.config.in_channels
         self.grad = None
+        self.flips = None  # cdpm-classifier: P(healthy) before / after of every mapped slice (flip rate)
         if method == "cdpm-classifier":
             clf = NoisyClassifier(entry.config["classifier"])
             load_state(clf, request.registry.load_tensors(entry, "classifier"), f"{entry.ref} (classifier)")
             clf.to(self.device).eval()
             self.grad = log_prob_gradient(
                 lambda x, t, cond: torch.log_softmax(clf(x, t), dim=1)[:, HEALTHY])
+            self.flips = FlipRecorder(clf)
 
     def self_check(self, case, n_slices: int, batch_size: int) -> dict | None:
         """The inversion self-check of ``case`` (see ``counterfactual.reconstruction``) on ``n_slices`` of its
@@ -215,6 +218,8 @@ class Mapper:
             return None, (x[:, channel] + 1) / 2  # the channel's normalised intensity in [0, 1]
         x_cf = counterfactual(self.denoiser, x, self.schedule, self.params, GUIDANCE_KIND[self.method],
                               null_label=self.model.null_label, classifier_grad=self.grad)
+        if self.flips is not None:
+            self.flips.add(x, x_cf)
         return x_cf, heatmap(x, x_cf)
 
 
@@ -317,6 +322,8 @@ class Sampler:
         x_cf = torch.cat(cfs).numpy()
         hm = torch.cat(maps).numpy()
         heat = native_map(case, hm)
+        flip = None if mapper.flips is None else mapper.flips.take(len(hm), heat, case.result.lesion,
+                                                                   case.scored_region)
         check = mapper.self_check(case, int(_option(request, "self_check_slices", 2)), bs)
         decision = None
         if point is not None:
@@ -340,6 +347,7 @@ class Sampler:
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
                       "panel_colour_scale": [scale.vmin, scale.vmax]}
             extra = {"decision": decision.to_dict() if decision is not None else None, "self_check": check,
+                     **({"flip": flip} if flip is not None else {}),
                      "image_score": image_score(case, heat), "most_anomalous_slice": most_anomalous(case, hm)}
             write_json(folder / "provenance.json", record(request, entry, params, [case.source],
                                                           case=case.id, slices=[int(k) for k in case.slice_index],
@@ -351,6 +359,9 @@ class Sampler:
             d = decision.to_dict()
             out.update({"decision": d["decision"], "n_components": d["n_components"],
                         f"lesion_{decision.unit.replace('^', '')}": decision.lesion_size})
+        if flip is not None:
+            out.update({"flip_rate": flip["flip_rate"], "p_healthy_before": flip["p_target_before_mean"],
+                        "p_healthy_after": flip["p_target_after_mean"]})
         if check is not None:
             out["self_check_error"] = max(check["mean_abs_error"])
             if check["flagged"]:
@@ -369,7 +380,7 @@ class Scorer:
         map_batch, cases_of, bs, context, mapper = _scoring(request, self.method, entry, request.options)
         n = int(_option(request, "self_check_slices", 2))
         return evaluate_cases(request, self.method, entry, map_batch, cases_of, bs, context,
-                              self_check=lambda case: mapper.self_check(case, n, bs))
+                              self_check=lambda case: mapper.self_check(case, n, bs), flips=mapper.flips)
 
     def calibrate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
