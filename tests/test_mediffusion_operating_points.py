@@ -7,6 +7,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from scipy import ndimage
@@ -132,3 +133,52 @@ def test_calibrate_stores_the_healthy_quantile_and_explain_thresholds_at_it(home
     prov = json.loads((tmp_path / "none" / "img_00" / "provenance.json").read_text())
     assert prov["calibration"].startswith("none:") and prov["decision"] is None
     assert (p.stdout + p.stderr).count("calibration: none:") == 1
+
+
+def test_evaluate_localises_at_the_calibrated_thresholds(home, models, data, tmp_path):  # noqa: F811
+    """evaluate --localise-images: the calibrated target's difference maps of the test images, scored against
+    the boxes on each image's own grid, checked against scikit-learn (AP, AUROC) and brute force (Dice at
+    the stored threshold, per-image Dice, image AUROC from the largest difference)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    env = _env(home)
+    out = tmp_path / "ev"
+    # no calibration yet: refused before any work, nothing written
+    p = run_cli(["evaluate", "mediffusion", "--model", "mediffusion:1", "--data", data, "--localise-images", "4",
+                 "--out", out], env=env)
+    assert p.returncode == 2 and "has no calibration" in p.stderr and p.stderr.count("\n") == 1
+    assert not out.exists()
+    run_cli(["calibrate", "mediffusion:1", "--data", data, "--target", "no-cardiomegaly", "--steps", STEPS,
+             "--cf-images", "4"], env=env, check=0)
+    t = Registry(home, bundled=False).resolve("mediffusion:2").extra["calibration"]["threshold_fpr"]
+    run_cli(["evaluate", "mediffusion", "--model", "mediffusion:2", "--data", data, "--localise-images", "5",
+             "--cf-images", "0", "--n-resamples", "50", "--out", out], env=env, check=0)
+    rep = json.loads((out / "localisation" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["localisation"]["folder"] == str(out / "localisation")
+
+    names = [f"img_{i:02d}.png" for i in range(5)]  # the first 5 labelled rows (rows 0, 2, 4 have a box)
+    maps = _maps(home, models["pp"], [data / "images" / n for n in names])
+    scores, labels, dice_case, img_scores, img_labels = [], [], [], [], []
+    tp = fp = fn = 0
+    for i, n in enumerate(names):
+        m = maps[n]
+        lesion = np.zeros(m.shape, bool)
+        if i % 2 == 0:
+            lesion[6:18, 6:18] = True
+        scores.append(m.ravel())
+        labels.append(lesion.ravel())
+        pred = m > np.float32(t)
+        a, b, c = (pred & lesion).sum(), (pred & ~lesion).sum(), (~pred & lesion).sum()
+        tp, fp, fn = tp + a, fp + b, fn + c
+        dice_case.append(2 * a / (2 * a + b + c) if lesion.any() else float(not pred.any()))
+        img_scores.append(m.max())
+        img_labels.append(i % 2 == 0)
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    got = rep["metrics"]
+    assert rep["counts"]["cases"] == 5 and rep["counts"]["pixels"] == len(scores)
+    assert abs(got["pixel_AUPRC"] - average_precision_score(labels, scores)) < 2e-3
+    assert abs(got["pixel_AUROC"] - roc_auc_score(labels, scores)) < 2e-3
+    assert got["pixel_Dice@fpr5"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
+    assert got["volume_Dice_mean@fpr5"] == pytest.approx(np.mean(dice_case), abs=1e-9)
+    assert got["image_AUROC"] == pytest.approx(roc_auc_score(img_labels, img_scores))
+    assert rep["targets"] == ["no-cardiomegaly"] and rep["steps"] == STEPS and rep["positive_images"] == 3

@@ -123,6 +123,10 @@ def methods() -> list[Method]:
                                                         "(explain.* settings)", bounds="[0, inf)"),
                     Option("cf_target", list, [], "target(s) of the quality check (default no-<first finding>)"),
                     INVERSION_OPTION,
+                    Option("localise_images", int, 0, "score the difference maps of the calibrated target on this "
+                                                      "many test images against their boxes (pixel AP, Dice at the "
+                                                      "calibrated thresholds, ...; needs `medcfx calibrate`; one "
+                                                      "guided reverse chain each)", bounds="[0, inf)"),
                 ],
                 "sample": [
                     Option("target", list, [], TARGET_HELP + "; none: unguided"),

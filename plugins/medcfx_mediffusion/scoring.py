@@ -143,6 +143,8 @@ def evaluate(request) -> dict:
     missing = [f for f in findings if f not in ss.label_names]
     if missing:
         raise MedcfxError(f"--data {request.data}: no label column for {', '.join(missing)} (has: {', '.join(ss.label_names) or 'none'})")
+    n_loc = int(request.options.get("localise_images") or 0)
+    plan = _localisation_plan(request, entry, ss) if n_loc else None  # refused before any work
     rows = eval_rows(ss)
     labels = np.asarray(ss.labels)[rows][:, [ss.label_names.index(f) for f in findings]]
     z = codec.encode(images_tensor(ss, rows).to(request.device)).cpu()
@@ -153,6 +155,8 @@ def evaluate(request) -> dict:
     quality = _cf_quality(request, model, codec, entry, ss, rows, n_cf) if n_cf > 0 else None
     if quality is not None:
         out["counterfactual_quality"] = {**quality["settings"], **quality["summary"]}
+    if plan is not None:
+        out["localisation"] = _localise(request, model, codec, entry, ss, plan, n_loc)
     request.out.mkdir(parents=True, exist_ok=True)
     write_json(request.out / "metrics.json", out)
     if quality is not None:
@@ -163,6 +167,9 @@ def evaluate(request) -> dict:
     lines.append(f"| mean | {metrics['mean_AUROC']:.4f} | {metrics['mean_AP']:.4f} |")
     if quality is not None:
         lines += ["", _quality_text(out["counterfactual_quality"])]
+    if plan is not None:
+        lines += ["", f"Localisation of {', '.join(plan['targets'])} (difference maps against the boxes, "
+                      f"calibrated thresholds): localisation/metrics.md"]
     (request.out / "metrics.md").write_text("\n".join(lines) + "\n")
     write_json(request.out / "provenance.json", record(request, entry, {"rows": len(rows), "cf_images": n_cf}, []))
     if quality is not None:
@@ -226,6 +233,56 @@ def box_lesion(boxes: dict, row: int, names, shape, geom=None) -> np.ndarray | N
     return cq.box_region(found, shape)
 
 
+def check_target_labels(request, ss, targets) -> None:
+    """UsageError (before any work) when --data has no label column for a target's finding."""
+    from medcfx.errors import UsageError
+
+    missing = [tg.finding for tg in targets if tg.finding not in ss.label_names]
+    if missing:
+        raise UsageError(f"--data {request.data}: no label column for {', '.join(missing)} (has: "
+                         f"{', '.join(ss.label_names) or 'none'}); the difference maps are scored against the "
+                         f"target's labels and boxes")
+
+
+def target_maps(request, model, codec, schedule, kind: str, ss, targets, t: int, scales, steps, sampler: str,
+                seed: int, cap: int, stats: dict):
+    """Yield (image id, difference map [H, W] float32 on the image's own grid, lesion bool [H, W], positive)
+    for the images of ``ss`` in order, at most ``cap`` (0: all): the counterfactual of ``targets`` with the
+    given settings (explain's code, no self-check); lesion = the union of the target findings' boxes of an
+    image positive for one of them, nothing for an image negative for all. Images positive without a box
+    are skipped, unlabelled ones too unless ``request.extra["healthy"]`` (then negative). ``stats`` gets the
+    counts ``images``, ``positive``, ``no_box``, ``unlabelled``. Check the labels first
+    (:func:`check_target_labels`)."""
+    names = [tg.finding for tg in targets]
+    lab = np.asarray(ss.labels)[:, [ss.label_names.index(f) for f in names]]
+    healthy = bool(request.extra.get("healthy"))
+    boxes = ss.bbox or {}
+    stats.update(images=0, positive=0, no_box=0, unlabelled=0)
+    for r in range(len(ss)):
+        if cap and stats["images"] >= cap:
+            break
+        row = lab[r]
+        if np.isnan(row).any() and not healthy:
+            stats["unlabelled"] += 1
+            continue
+        pos = [f for f, v in zip(names, row) if v == 1.0]
+        geom = ss.geometry(str(ss.case_ids[r]))
+        shape = tuple(int(s) for s in geom.shape[:2])
+        lesion = np.zeros(shape, bool)
+        if pos:
+            have = [f for f in pos if f in boxes and np.isfinite(np.asarray(boxes[f][r], np.float64)).all()]
+            if len(have) < len(pos):
+                stats["no_box"] += 1
+                continue
+            lesion = box_lesion(boxes, r, pos, shape, geom)
+            stats["positive"] += 1
+        x = images_tensor(ss, np.array([r])).to(request.device)
+        x_cf = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps, sampler, seed,
+                                  self_check=False)[0]
+        stats["images"] += 1
+        yield str(ss.case_ids[r]), geom.to_original(difference_map(x[0], x_cf[0])[None]), lesion, bool(pos)
+
+
 def calibrate(request) -> dict:
     """``medcfx calibrate REF --data VAL --target T``: the difference maps of the counterfactuals for T (the
     explain settings, seed and code) of at most ``--cf-images`` validation images, on each image's own grid,
@@ -234,7 +291,6 @@ def calibrate(request) -> dict:
     positive without a box are skipped, unlabelled ones too unless ``--healthy``. The operating points
     (:func:`medcfx.operating_points.calibrate`) are stored as a new version of the model with the settings
     (``calibration``, ``calibration_settings``)."""
-    from medcfx.errors import UsageError
     from medcfx.metrics import PixelMetrics
     from medcfx.operating_points import calibrate as operating_points
     from medcfx.train import data_fingerprint
@@ -247,39 +303,13 @@ def calibrate(request) -> dict:
                                                      o.get("t"), o.get("scale"), o.get("steps"), o.get("sampler"))
     ss = load_dataset(request.data, stored_preprocess(c["preprocess"]))
     names = [tg.finding for tg in targets]
-    missing = [f for f in names if f not in ss.label_names]
-    if missing:
-        raise UsageError(f"--data {request.data}: no label column for {', '.join(missing)} (has: "
-                         f"{', '.join(ss.label_names) or 'none'}); calibration needs the target's labels")
-    lab = np.asarray(ss.labels)[:, [ss.label_names.index(f) for f in names]]
-    healthy = bool(request.extra.get("healthy"))
-    boxes = ss.bbox or {}
-    cap = int(o.get("cf_images") or 0)
+    check_target_labels(request, ss, targets)
+    stats = {}
     pm = PixelMetrics(bits=22)
-    used = no_box = unlabelled = positive = 0
-    for r in range(len(ss)):
-        if cap and used >= cap:
-            break
-        row = lab[r]
-        if np.isnan(row).any() and not healthy:
-            unlabelled += 1
-            continue
-        pos = [f for f, v in zip(names, row) if v == 1.0]
-        geom = ss.geometry(str(ss.case_ids[r]))
-        shape = tuple(int(s) for s in geom.shape[:2])
-        lesion = np.zeros(shape, bool)
-        if pos:
-            have = [f for f in pos if f in boxes and np.isfinite(np.asarray(boxes[f][r], np.float64)).all()]
-            if len(have) < len(pos):
-                no_box += 1
-                continue
-            lesion = box_lesion(boxes, r, pos, shape, geom)
-            positive += 1
-        x = images_tensor(ss, np.array([r])).to(request.device)
-        x_cf = run_counterfactual(model, codec, schedule, x, kind, targets, scales, t, steps, sampler,
-                                  int(request.seed), self_check=False)[0]
-        pm.update(geom.to_original(difference_map(x[0], x_cf[0])[None]), lesion)
-        used += 1
+    for _, diff, lesion, _ in target_maps(request, model, codec, schedule, kind, ss, targets, t, scales, steps,
+                                          sampler, int(request.seed), int(o.get("cf_images") or 0), stats):
+        pm.update(diff, lesion)
+    used, positive, no_box, unlabelled = (stats[k] for k in ("images", "positive", "no_box", "unlabelled"))
     if used == 0:
         raise MedcfxError(f"--data {request.data}: no validation image to calibrate on ({no_box} positive for "
                           f"{','.join(names)} without a box, {unlabelled} unlabelled for it)")
@@ -299,6 +329,60 @@ def calibrate(request) -> dict:
                 f"{named} (achieved FPR {cal.achieved_fpr:.4f}{best}) -> {new.ref}")
     return {"printed": request.console is not None, "model": new.ref, "calibration": cal.to_dict(),
             "calibration_settings": settings}
+
+
+def _localisation_plan(request, entry, ss) -> dict:
+    """The target and sampling settings of ``evaluate --localise-images``: those the model was calibrated
+    with (``medcfx calibrate``), so the test maps are thresholded at thresholds of maps made the same way.
+    UsageError without a calibration or without the target's labels in --data."""
+    from medcfx.errors import UsageError
+    from medcfx.scoring import calibration_of
+    from medcfx_mediffusion import counterfactual as cf
+
+    stored = calibration_of(entry)
+    if stored is None:
+        raise UsageError(f"--localise-images: {entry.ref} has no calibration; run `medcfx calibrate {entry.ref} "
+                         f"--data VALIDATION/ --target T` first (the maps are scored at its thresholds, with its "
+                         f"target and settings)")
+    s = entry.extra["calibration_settings"]
+    targets = cf.parse_targets(s["targets"], entry.config["classifier"]["findings"])
+    check_target_labels(request, ss, targets)
+    return {"calibration": stored[0], "targets": [tg.name for tg in targets], "parsed": targets,
+            **{k: s[k] for k in ("t", "scales", "steps", "sampler", "seed")}}
+
+
+def _localise(request, model, codec, entry, ss, plan: dict, n: int) -> dict:
+    """``evaluate --localise-images N``: the difference maps of the calibrated target for at most N test
+    images (first rows; positives with the target's boxes, negatives; as ``calibrate`` picks them), scored on
+    each image's own grid against the boxes with the field's metric set and case (= image) bootstrap
+    intervals (:func:`medcfx.evaluation.report`, written to ``OUT/localisation/``); image score = the
+    largest difference, label = positive for the target's findings."""
+    import copy
+
+    from medcfx.case_metrics import CaseMetrics
+    from medcfx.evaluation import report
+
+    c = entry.config
+    schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
+    cm, stats = CaseMetrics(plan["calibration"].thresholds()), {}
+    for image, diff, lesion, positive in target_maps(request, model, codec, schedule, c["classifier"]["kind"], ss,
+                                                     plan["parsed"], plan["t"], plan["scales"], plan["steps"],
+                                                     plan["sampler"], int(plan["seed"]), n, stats):
+        cm.update(image, diff, lesion)
+        cm.add_images(image, [float(diff.max())], [positive])
+    if stats["images"] == 0:
+        raise MedcfxError(f"--data {request.data}: no test image to localise on ({stats['no_box']} positive "
+                          f"without a box, {stats['unlabelled']} unlabelled)")
+    sub = copy.copy(request)
+    sub.out = request.out / "localisation"
+    context = {"targets": plan["targets"], **{k: plan[k] for k in ("t", "scales", "steps", "sampler", "seed")},
+               "map": "|counterfactual - input| channel mean on the input's grid",
+               "lesion": "union of the target findings' boxes", "image_score": "largest difference",
+               "calibration": {"source": entry.ref, **plan["calibration"].to_dict()},
+               "images": stats["images"], "positive_images": stats["positive"],
+               "skipped_positive_without_box": stats["no_box"], "skipped_unlabelled": stats["unlabelled"]}
+    values = report(sub, "mediffusion", entry.ref, cm, context, request.extra.get("n_resamples"))
+    return {"folder": str(sub.out), **{k: v for k, v in values.items() if k != "printed"}}
 
 
 def _quality_text(q: dict) -> str:
