@@ -7,11 +7,14 @@ method's own settings, then scores the test cases on each input's own grid insid
 
 Usage::
 
-    python benchmarks/operating_points.py --work W [--max-slices 24] [--write-docs docs/benchmarks.md]
+    python benchmarks/operating_points.py --work W [--max-slices 24] [--chest-images 48] [--write-docs docs/benchmarks.md]
 
 creates ``W/brain-val`` (4 cases, seed 11) and ``W/brain-test`` (8 cases, seed 12) with ``medcfx data demo
 brain`` when missing, evaluates the rows below and prints (or writes between the ``operating-points``
-markers of the docs file) one markdown table.
+markers of the docs file) a markdown table. Then the chest table: ``W/chest-val`` (200 images, seed 2) and
+``W/chest-test`` (400, seed 1) with ``medcfx data demo chest``; ``medcfx calibrate mediffusion-demo --target
+T --cf-images N`` on the validation images, ``medcfx evaluate mediffusion --localise-images N`` on the test
+images (difference maps against the finding's boxes, each image a case of the bootstrap).
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import sys
 import time
 from pathlib import Path
 
+from common import case_count, grid_text
+
 ROWS = [  # (label, evaluate arguments)
     ("threshold (FLAIR intensity)", ["threshold"]),
     ("sanchez-demo (cfg w=3, L=0.75, 100 DDIM steps)", ["sanchez", "--model", "sanchez-demo", "--sampler", "paper"]),
     ("restoration-demo (1 - SSIM, 50 steps)", ["restoration", "--model", "restoration-demo"]),
+]
+CHEST_ROWS = [  # (label, target)
+    ("mediffusion-demo, no-cardiomegaly (t 300, scale 500, ancestral DDPM, all 300 steps)", "no-cardiomegaly"),
+    ("mediffusion-demo, no-effusion (t 300, scale 500, ancestral DDPM, all 300 steps)", "no-effusion"),
 ]
 COLUMNS = [("pixel AP", "pixel_AUPRC"), ("pixel AUROC", "pixel_AUROC"),
            ("ideal Dice (oracle)", "pixel_ideal_Dice_oracle"), ("Dice @ val. best", "pixel_Dice@valDice"),
@@ -51,11 +60,52 @@ def cell(report: dict, key: str) -> str:
     return f"{v:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
 
 
+def chest_rows(args, env) -> list[str]:
+    """mediffusion-demo's difference maps, per target: calibrated on W/chest-val, scored on W/chest-test."""
+    val, test = args.work / "chest-val", args.work / "chest-test"
+    for folder, cases, seed in ((val, 200, 2), (test, 400, 1)):
+        if not folder.exists():
+            medcfx(["data", "demo", "chest", "--out", folder, "--cases", cases, "--seed", seed], env)
+    lines = []
+    for label, target in CHEST_ROWS:
+        if args.only and args.only not in label:
+            continue
+        t0 = time.perf_counter()
+        out = args.work / f"eval-mediffusion-{target}"
+        medcfx(["calibrate", "mediffusion-demo:1", "--data", val, "--target", target, "--cf-images", args.chest_images],
+               env)
+        shown = subprocess.run([sys.executable, "-m", "medcfx", "models", "show", "mediffusion-demo", "--json"],
+                               env=env, check=True, capture_output=True, text=True)
+        ref = json.loads(shown.stdout)["ref"]  # the newest version: the calibration just stored
+        medcfx(["evaluate", "mediffusion", "--model", ref, "--data", test, "--localise-images", args.chest_images,
+                "--cf-images", 0, "--device", "cpu", "--out", out], env)
+        rep = json.loads((out / "localisation" / "metrics.json").read_text())
+        minutes = (time.perf_counter() - t0) / 60
+        lines.append(f"| {label} | " + " | ".join(cell(rep, k) for _, k in COLUMNS)
+                     + f" | {rep['images']} ({rep['positive_images']} with the finding) | {minutes:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def chest_text(args, lines: list[str]) -> str:
+    head = ("| mediffusion-demo difference map | " + " | ".join(c for c, _ in COLUMNS).replace("per-volume", "per-image")
+            + " | test images | minutes |\n|" + "---|" * (len(COLUMNS) + 3) + "\n")
+    return (f"\n\nChest radiographs (`medcfx data demo chest`, 128 px, the model works at 64 px): `mediffusion-demo`'s "
+            f"difference maps |counterfactual - input| of one removal target, calibrated on the first "
+            f"{args.chest_images} usable images of `chest-val` (200 images, seed 2; `medcfx calibrate --target T "
+            f"--cf-images {args.chest_images}`) and scored on the first {args.chest_images} of `chest-test` (400, "
+            f"seed 1; `medcfx evaluate mediffusion --localise-images {args.chest_images}`): lesion = the finding's "
+            f"box, every pixel of an image without the finding healthy; image score = the largest difference; "
+            f"intervals over images.\n\n" + head + "\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--max-slices", type=int, default=24, help="scored slices per case (0: all)")
     ap.add_argument("--only", default="", help="evaluate only rows whose label contains this")
+    ap.add_argument("--chest-images", type=int, default=48,
+                    help="validation and test images of each mediffusion row (0: no chest table)")
     ap.add_argument("--write-docs", type=Path)
     args = ap.parse_args()
     env = {**os.environ, "MEDCFX_HOME": str(args.work / "home"), "MEDCFX_CACHE": str(args.work / "cache")}
@@ -76,16 +126,19 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(cell(rep, k) for _, k in COLUMNS)
                      + f" | {rep['counts']['pixels']} | {minutes:.1f} |")
         print(lines[-1], flush=True)
+    chest = chest_rows(args, env) if args.chest_images else []
     head = ("| method | " + " | ".join(c for c, _ in COLUMNS) + " | scored voxels | minutes |\n|"
             + "---|" * (len(COLUMNS) + 3) + "\n")
-    text = (f"Demo brains (`medcfx data demo brain`, 120x120x78 at 2 mm): thresholds calibrated on `brain-val` "
-            f"(4 cases, seed 11), scored on `brain-test` (8 cases, seed 12), {args.max_slices or 'all'} slices "
-            f"per case spread evenly, on each input's own grid inside its foreground; value [95 % percentile-"
-            f"bootstrap interval over the 8 cases, 1000 resamples, seed 0]. Machine: {platform.machine()}, "
+    text = (f"Demo brains (`medcfx data demo brain`, {grid_text(test)}): thresholds calibrated on `brain-val` "
+            f"({case_count(val)} cases, seed 11), scored on `brain-test` ({case_count(test)} cases, seed 12), "
+            f"{args.max_slices or 'all'} slices per case spread evenly, on each input's own grid inside its "
+            f"foreground; value [95 % percentile-bootstrap interval over the test cases, 1000 resamples, seed 0]. "
+            f"Machine: {platform.machine()}, "
             f"{os.cpu_count()} CPU(s), Python {platform.python_version()}; minutes: wall time of the row (calibration "
             f"and test), on a machine shared with other jobs, so not a speed figure (docs/speed.md has those).\n\n" + head + "\n".join(lines)
+            + (chest_text(args, chest) if chest else "")
             + f"\n\nReproduce: `python benchmarks/operating_points.py --work W --max-slices {args.max_slices}"
-            f" --write-docs docs/benchmarks.md`\n")
+            f" --chest-images {args.chest_images} --write-docs docs/benchmarks.md`\n")
     if args.write_docs:
         doc = args.write_docs.read_text()
         start, end = "<!-- operating-points:start -->", "<!-- operating-points:end -->"

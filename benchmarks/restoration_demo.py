@@ -11,8 +11,9 @@ at 48 x 48, healthy slices of the training set only):
     medcfx train restoration --data TRAIN --preset demo --fold 9 --seed 9     -> restoration-fold9
     medcfx train recon-ddpm  --data TRAIN --preset demo --seed 0              -> recon-ddpm
 
-Evaluations (``medcfx evaluate``, the same ``--max-slices`` test slices for every row, spread evenly over
-the test set; metrics at the model's 48 x 48; image score = mean of the map):
+Evaluations (``medcfx evaluate ... --val VAL``: thresholds calibrated on the validation cases with the row's
+own settings; the same ``--max-slices`` slices per test case for every row, scored on each input's own grid
+inside its foreground, 95 % bootstrap intervals over cases; image score = mean of the map):
 
     restoration fold 0, 1 - SSIM map (the paper) and |residual| map; fold 9 alone; the ensemble of both folds
     (fold 0 trains on intra_blend, inter_blend, sink; fold 9 on sink, source, intensity: together all five)
@@ -20,6 +21,8 @@ the test set; metrics at the model's 48 x 48; image score = mean of the map):
 
 Results go to W/results.json and W/results.md (and the docs section with --write-docs); an example figure
 (input, restoration, map, mask for a few test lesions) to docs/img/restoration_demo.png.
+``--fold0-model REF`` takes an already trained fold-0 model (e.g. the bundled restoration-demo, which is
+``restoration-fold0`` trained by the command above) instead of training one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from common import case_count, grid_text
 from medcfx.evaluation import flat_metrics
 import os
 import platform
@@ -65,9 +69,11 @@ def ensure_model(ref: str, train_args: list, env) -> dict:
 
 
 def evaluate(method: str, model: str, data: Path, out: Path, opts: list, env) -> dict:
+    """flat metrics of one evaluate run, plus "intervals" (metric -> ci_low / ci_high); reused when done."""
     if not (out / "metrics.json").exists():
         medcfx(["evaluate", method, "--model", model, "--data", data, "--out", out, "--device", "cpu", *opts], env)
-    return flat_metrics(json.loads((out / "metrics.json").read_text()))
+    rep = json.loads((out / "metrics.json").read_text())
+    return {**flat_metrics(rep), "intervals": rep["intervals"]}
 
 
 def figure(env, models: str, test: Path, path: Path, n: int = 4, steps: int = 50) -> None:
@@ -98,11 +104,22 @@ def figure(env, models: str, test: Path, path: Path, n: int = 4, steps: int = 50
     log(f"wrote {path}")
 
 
+COLUMNS = (("pixel AP", "pixel_AUPRC"), ("ideal Dice (oracle)", "pixel_ideal_Dice_oracle"),
+           ("Dice @ val. best", "pixel_Dice@valDice"), ("Dice @ 5 % FPR", "pixel_Dice@fpr5"),
+           ("image AUROC", "image_AUROC"), ("image AP", "image_AP"))
+
+
 def table(rows: list[dict]) -> str:
-    cols = ("row", "image_AP", "image_AUROC", "pixel_AUPRC", "pixel_ideal_Dice", "seconds_per_slice")
-    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    """Markdown: one row per evaluation, value [95 % CI over cases] per metric, seconds per slice."""
+    def cell(r, key):
+        v, ci = r.get(key), r["intervals"].get(key, {})
+        if v is None or v != v:
+            return "n/a"
+        return f"{v:.3f}" if ci.get("ci_low") is None else f"{v:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+
+    out = "| row | " + " | ".join(c for c, _ in COLUMNS) + " | s / slice |\n|" + "---|" * (len(COLUMNS) + 2) + "\n"
     for r in rows:
-        out += "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |\n"
+        out += f"| {r['row']} | " + " | ".join(cell(r, k) for _, k in COLUMNS) + f" | {r['seconds_per_slice']:.3f} |\n"
     return out
 
 
@@ -114,7 +131,8 @@ def main() -> None:
     ap.add_argument("--val", type=Path, default=Path("/work/demo-data/brain-val"))
     ap.add_argument("--test", type=Path, default=Path("/work/demo-data/brain-test"))
     ap.add_argument("--folds", default="0,9", help="fold models to train and evaluate (two or more: also their ensemble)")
-    ap.add_argument("--max-slices", type=int, default=128)
+    ap.add_argument("--max-slices", type=int, default=12, help="slices scored per case (spread evenly)")
+    ap.add_argument("--fold0-model", default=None, help="use this registered fold-0 restoration model")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--levels", default="0.2,0.35,0.5", help="baseline noise levels tried on the validation set")
     ap.add_argument("--write-docs", type=Path, default=None)
@@ -125,11 +143,12 @@ def main() -> None:
     env.setdefault("OMP_NUM_THREADS", "1")
     common = ["--data", a.train, "--preset", "demo", "--device", "cpu", "--runs-dir", a.work / "runs"]
     folds = [int(f) for f in a.folds.split(",")]
-    models = {f"restoration-fold{k}": ensure_model(f"restoration-fold{k}",
+    models = {f"restoration-fold{k}": ensure_model(a.fold0_model if (k == 0 and a.fold0_model) else f"restoration-fold{k}",
                                                    ["restoration", *common, "--fold", k, "--seed", k], env)
               for k in folds}
+    name = {k: f"{v['name']}:{v['version']}" for k, v in models.items()}
     models["recon-ddpm"] = ensure_model("recon-ddpm", ["recon-ddpm", *common, "--seed", 0], env)
-    ev = ["--max-slices", a.max_slices, "--steps", a.steps, "--seed", 0]
+    ev = ["--max-slices", a.max_slices, "--steps", a.steps, "--seed", 0, "--val", a.val]
     rows = []
 
     def add(name, method, model, opts, data=a.test, tag=None):
@@ -139,19 +158,19 @@ def main() -> None:
                                                                     "pixel_ideal_Dice")))
 
     k0 = folds[0]
-    add(f"restoration fold {k0}, 1 - SSIM (paper)", "restoration", f"restoration-fold{k0}", ev, tag=f"f{k0}_ssim")
-    add(f"restoration fold {k0}, absolute residual", "restoration", f"restoration-fold{k0}", ev + ["--map", "residual"],
-        tag=f"f{k0}_res")
+    add(f"restoration fold {k0}, 1 - SSIM (paper)", "restoration", name[f"restoration-fold{k0}"], ev, tag=f"f{k0}_ssim")
+    add(f"restoration fold {k0}, absolute residual", "restoration", name[f"restoration-fold{k0}"],
+        ev + ["--map", "residual"], tag=f"f{k0}_res")
     for k in folds[1:]:
-        add(f"restoration fold {k}, 1 - SSIM", "restoration", f"restoration-fold{k}", ev, tag=f"f{k}_ssim")
+        add(f"restoration fold {k}, 1 - SSIM", "restoration", name[f"restoration-fold{k}"], ev, tag=f"f{k}_ssim")
     if len(folds) > 1:
         add(f"restoration ensemble folds {'+'.join(map(str, folds))}, 1 - SSIM", "restoration",
-            ",".join(f"restoration-fold{k}" for k in folds), ev, tag="ens_ssim")
+            ",".join(name[f"restoration-fold{k}"] for k in folds), ev, tag="ens_ssim")
     # baseline: the noise level is chosen on the validation set (best pixel AP), then scored on the test set
     val = {}
     for lv in a.levels.split(","):
         m = evaluate("recon-ddpm", "recon-ddpm", a.val, a.work / "eval" / f"recon_val_{lv}",
-                     ["--max-slices", 64, "--steps", a.steps, "--seed", 0, "--noise-level", lv], env)
+                     ["--max-slices", a.max_slices, "--steps", a.steps, "--seed", 0, "--noise-level", lv], env)
         val[lv] = m["pixel_AUPRC"]
         log(f"recon-ddpm level {lv} on validation: pixel AP {m['pixel_AUPRC']:.3f}")
     best = max(val, key=val.get)
@@ -160,11 +179,13 @@ def main() -> None:
     add(f"recon-ddpm (level {best}), absolute residual", "recon-ddpm", "recon-ddpm",
         ev + ["--noise-level", best, "--map", "residual"], tag="recon_res")
 
-    figure(env, f"restoration-fold{k0}", a.test, a.figure, steps=a.steps)
+    figure(env, name[f"restoration-fold{k0}"], a.test, a.figure, steps=a.steps)
     train_info = {k: {"steps": v["provenance"].get("steps"), "train_seconds": v["provenance"].get("train_seconds"),
                       "metrics": v["metrics"]} for k, v in models.items()}
     result = {"rows": rows, "baseline_validation_pixel_AP": val, "models": train_info, "folds": a.folds,
-              "max_slices": a.max_slices, "steps": a.steps,
+              "max_slices": a.max_slices, "steps": a.steps, "slices": rows[0]["slices"], "fold0_model": a.fold0_model,
+              "pixels": rows[0]["pixels"], "grid": grid_text(a.test), "train_grid": grid_text(a.train),
+              "cases": {"train": case_count(a.train), "val": case_count(a.val), "test": case_count(a.test)},
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}"}
     (a.work / "results.json").write_text(json.dumps(result, indent=1, default=str))
     md = table(rows)
@@ -180,17 +201,22 @@ def write_docs(a, result: dict, md: str) -> None:
     body = f"""{MARK[0]}
 ## Restoration (`benchmarks/restoration_demo.py`)
 
-Synthetic demo brains (T2 only, 48 x 48): models trained on the HEALTHY slices of `brain-train` (40 cases),
-baseline noise level chosen on `brain-val`, metrics on {result['max_slices']} slices spread evenly over
-`brain-test` (8 cases), at 48 x 48; image score = mean of the map; {result['steps']} DDPM steps. Machine:
+Synthetic demo brains (T2 only, the models work at 48 x 48): trained on the HEALTHY slices of `brain-train`
+({result['cases']['train']} cases, {result['train_grid']}); thresholds calibrated and the baseline's noise level
+chosen on `brain-val` ({result['cases']['val']} cases); scored on `brain-test` ({result['cases']['test']} cases,
+{result['grid']}): {result['max_slices']} slices per case spread evenly ({result['slices']} slices,
+{result['pixels']} foreground voxels), on each input's own grid inside its foreground; value [95 % percentile-bootstrap
+interval over the test cases, 1000 resamples, seed 0]; "ideal Dice" is the oracle (threshold chosen on the test
+labels); image score = mean of the map; {result['steps']} DDPM steps. Machine:
 {result['machine']}, shared with other jobs. Training: demo preset (2000 steps of 32); wall seconds recorded
 at registration (for a run continued with `--resume`, its last leg only): {', '.join(f'{k} {v}' for k, v in secs.items())}.
 
 {md}
 Baseline validation pixel AP by noise level: {', '.join(f'{k}: {v:.3f}' for k, v in result['baseline_validation_pixel_AP'].items())}.
 
-Reproduce: `python benchmarks/restoration_demo.py --work W --home H --folds {result['folds']} --write-docs docs/benchmarks.md`
-(trains the fold models and `recon-ddpm` in H when missing).
+Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
+--max-slices {result['max_slices']}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''} --write-docs docs/benchmarks.md`
+(trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''}).
 {MARK[1]}"""
     path = a.write_docs
     text = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -172,6 +172,7 @@ class Mapper:
         self.entry = entry
         self.device = request.device
         self.params = None
+        self.flips = None  # cdpm-classifier: P(healthy) before / after of every mapped slice (flip rate)
         if method == "threshold":
             return
         model, entry = load_unet(request.registry, entry.ref if entry else request.model, device=self.device)
@@ -183,7 +184,6 @@ class Mapper:
         self.denoiser = denoiser_for(request, entry, model)
         self.channels = model.config.in_channels
         self.grad = None
-        self.flips = None  # cdpm-classifier: P(healthy) before / after of every mapped slice (flip rate)
         if method == "cdpm-classifier":
             clf = NoisyClassifier(entry.config["classifier"])
             load_state(clf, request.registry.load_tensors(entry, "classifier"), f"{entry.ref} (classifier)")

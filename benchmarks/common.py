@@ -1,0 +1,21 @@
+"""Small helpers shared by the benchmark scripts (run as ``python benchmarks/NAME.py``, so importable as
+``common``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def case_count(data: Path) -> int:
+    """Case folders of a demo brain set."""
+    return sum(1 for p in Path(data).iterdir() if p.is_dir())
+
+
+def grid_text(data: Path) -> str:
+    """"X x Y x Z voxels of A x B x C mm" of the first case's first NIfTI file (nibabel's header), so a table
+    states the grid its data has, not the one a script assumes."""
+    import nibabel as nib
+
+    img = nib.load(str(next(iter(sorted(Path(data).glob("*/*.nii.gz"))))))
+    return (" x ".join(map(str, img.shape[:3])) + " voxels of "
+            + " x ".join(f"{float(z):.3g}" for z in img.header.get_zooms()[:3]) + " mm")
