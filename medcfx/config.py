@@ -124,14 +124,32 @@ def check_keys(config: dict, reference: dict, where: str = "") -> None:
             check_keys(value, reference[key], path)
 
 
+# keys of which a network config uses exactly one (medcfx.nn.unet): a layer that sets one of them replaces the
+# other's earlier value by 0, so `--set network.num_head_channels=32` on a preset given in num_heads (the
+# sanchez paper preset: one head, as the authors' code) means what it says instead of "set both".
+ALTERNATIVES = (("num_head_channels", "num_heads"),)
+
+
 def resolve(defaults: dict, *layers: dict) -> dict:
-    """defaults <- layer1 <- layer2 ..., each layer checked against the defaults' keys."""
+    """defaults <- layer1 <- layer2 ..., each layer checked against the defaults' keys; a layer that sets
+    one key of an :data:`ALTERNATIVES` pair (and not the other) sets the other to 0 in that node."""
     out = copy.deepcopy(defaults)
     for layer in layers:
         if layer:
             check_keys(layer, defaults)
             out = deep_merge(out, layer)
+            _clear_alternatives(out, layer)
     return out
+
+
+def _clear_alternatives(out: dict, layer: dict) -> None:
+    for a, b in ALTERNATIVES:
+        for given, other in ((a, b), (b, a)):
+            if given in layer and other not in layer and other in out:
+                out[other] = 0
+    for k, v in layer.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            _clear_alternatives(out[k], v)
 
 
 def get(config: dict, dotted: str, default: Any = None) -> Any:

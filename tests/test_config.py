@@ -73,3 +73,28 @@ def test_cli_refuses_non_finite_guidance_and_mistyped_set_before_any_work(tmp_pa
         r = run_cli(["explain", case, "--model", "sanchez-demo", *args, "--out", tmp_path / "o"], env=env)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_layer_choosing_one_head_rule_clears_the_other():
+    """The sanchez paper preset gives its heads as num_heads = 1 (the authors' single head); a user layer that
+    sets num_head_channels switches to that rule (num_heads -> 0) instead of failing as "both set", and a
+    layer that sets both keeps both (the UNet config then refuses them)."""
+    from medcfx.nn.blocks import AttentionBlock
+    from medcfx.nn.unet import UNet, UNetConfig
+    from medcfx_sanchez import methods as sanchez_methods
+
+    defaults = dict(next(m for m in sanchez_methods.methods() if m.name == "sanchez").defaults)
+    presets = defaults.pop("presets")
+    paper = resolve(defaults, presets["paper"])["network"]
+    assert (paper["num_heads"], paper["num_head_channels"]) == (1, 0)
+    heads = {b.num_heads for b in UNet(UNetConfig.from_dict(paper)).modules() if isinstance(b, AttentionBlock)}
+    assert heads == {1}
+    demo = resolve(defaults, presets["demo"])["network"]
+    assert (demo["num_heads"], demo["num_head_channels"]) == (0, 32)  # unchanged: 32-channel heads
+    user = resolve(defaults, presets["paper"], {"network": {"num_head_channels": 32}})["network"]
+    assert (user["num_heads"], user["num_head_channels"]) == (0, 32)
+    user = resolve(defaults, presets["demo"], {"network": {"num_heads": 2}})["network"]
+    assert (user["num_heads"], user["num_head_channels"]) == (2, 0)
+    both = resolve(defaults, {"network": {"num_heads": 2, "num_head_channels": 32}})["network"]
+    with pytest.raises(UsageError, match="exactly one"):
+        UNetConfig.from_dict(both)

@@ -19,15 +19,15 @@ from torch import nn
 from medcfx.nn.blocks import GroupNorm32, timestep_embedding
 from medcfx.nn.unet import HalfUNetConfig, UNetEncoderPath
 
-PAPER_NETWORK = {
+PAPER_NETWORK = {  # one attention head, as the authors' code (num_heads 1, no num_head_channels)
     "in_channels": 4, "out_channels": 4, "image_size": 64, "model_channels": 64, "channel_mult": [1, 2, 3, 4],
-    "num_res_blocks": 2, "attention_resolutions": [32, 16, 8], "dropout": 0.1, "num_head_channels": 64,
-    "num_classes": 2, "label_in_time_embedding": True, "attention_conditioning": True,
+    "num_res_blocks": 2, "attention_resolutions": [32, 16, 8], "dropout": 0.1, "num_head_channels": 0,
+    "num_heads": 1, "num_classes": 2, "label_in_time_embedding": True, "attention_conditioning": True,
     "label_tokens": 256, "label_token_dim": 256, "num_groups": 32,
 }
 DEMO_NETWORK = {
     **PAPER_NETWORK, "image_size": 48, "model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
-    "attention_resolutions": [12], "dropout": 0.0, "num_head_channels": 32, "label_tokens": 8,
+    "attention_resolutions": [12], "dropout": 0.0, "num_head_channels": 32, "num_heads": 0, "label_tokens": 8,
     "label_token_dim": 64, "num_groups": 16,
 }
 PAPER_CLASSIFIER = {  # the encoder half of the paper network, 2 logits
