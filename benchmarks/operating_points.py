@@ -90,7 +90,7 @@ def chest_rows(args, env) -> list[str]:
 def chest_text(args, lines: list[str]) -> str:
     head = ("| mediffusion-demo difference map | " + " | ".join(c for c, _ in COLUMNS).replace("per-volume", "per-image")
             + " | test images | minutes |\n|" + "---|" * (len(COLUMNS) + 3) + "\n")
-    return (f"\n\nChest radiographs (`medcfx data demo chest`, 128 px, the model works at 64 px): `mediffusion-demo`'s "
+    return (f"Chest radiographs (`medcfx data demo chest`, 128 px, the model works at 64 px): `mediffusion-demo`'s "
             f"difference maps |counterfactual - input| of one removal target, calibrated on the first "
             f"{args.chest_images} usable images of `chest-val` (200 images, seed 2; `medcfx calibrate --target T "
             f"--cf-images {args.chest_images}`) and scored on the first {args.chest_images} of `chest-test` (400, "
@@ -129,27 +129,41 @@ def main() -> None:
     chest = chest_rows(args, env) if args.chest_images else []
     head = ("| method | " + " | ".join(c for c, _ in COLUMNS) + " | scored voxels | minutes |\n|"
             + "---|" * (len(COLUMNS) + 3) + "\n")
-    text = (f"Demo brains (`medcfx data demo brain`, {grid_text(test)}): thresholds calibrated on `brain-val` "
-            f"({case_count(val)} cases, seed 11), scored on `brain-test` ({case_count(test)} cases, seed 12), "
-            f"{args.max_slices or 'all'} slices per case spread evenly, on each input's own grid inside its "
-            f"foreground; value [95 % percentile-bootstrap interval over the test cases, 1000 resamples, seed 0]. "
-            f"Machine: {platform.machine()}, "
-            f"{os.cpu_count()} CPU(s), Python {platform.python_version()}; minutes: wall time of the row (calibration "
-            f"and test), on a machine shared with other jobs, so not a speed figure (docs/speed.md has those).\n\n" + head + "\n".join(lines)
-            + (chest_text(args, chest) if chest else "")
-            + f"\n\nReproduce: `python benchmarks/operating_points.py --work W --max-slices {args.max_slices}"
-            f" --chest-images {args.chest_images} --write-docs docs/benchmarks.md`\n")
-    if args.write_docs:
-        doc = args.write_docs.read_text()
-        start, end = "<!-- operating-points:start -->", "<!-- operating-points:end -->"
-        block = f"{start}\n## Operating points: calibrated vs oracle Dice (`benchmarks/operating_points.py`)\n\n{text}{end}"
-        if start in doc:
-            doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    sections = []
+    if lines:
+        sections.append(("operating-points", "Operating points: calibrated vs oracle Dice",
+                         f"Demo brains (`medcfx data demo brain`, {grid_text(test)}): thresholds calibrated on "
+                         f"`brain-val` ({case_count(val)} cases, seed 11), scored on `brain-test` ({case_count(test)} "
+                         f"cases, seed 12), {args.max_slices or 'all'} slices per case spread evenly, on each input's "
+                         f"own grid inside its foreground; value [95 % percentile-bootstrap interval over the test "
+                         f"cases, 1000 resamples, seed 0]. Machine: {platform.machine()}, {os.cpu_count()} CPU(s), "
+                         f"Python {platform.python_version()}; minutes: wall time of the row (calibration and test), on "
+                         f"a machine shared with other jobs, so not a speed figure (docs/speed.md has those).\n\n"
+                         + head + "\n".join(lines)
+                         + f"\n\nReproduce: `python benchmarks/operating_points.py --work W --max-slices "
+                           f"{args.max_slices} --chest-images 0 --write-docs docs/benchmarks.md`\n"))
+    if chest:
+        sections.append(("operating-points-chest", "Operating points of mediffusion's difference maps (chest demo)",
+                         chest_text(args, chest) + f"\n\nReproduce: `python benchmarks/operating_points.py --work W "
+                         f"--only mediffusion --chest-images {args.chest_images} --write-docs docs/benchmarks.md`\n"))
+    for marker, title, text in sections:
+        if args.write_docs:
+            write_section(args.write_docs, marker, f"## {title} (`benchmarks/operating_points.py`)\n\n{text}")
         else:
-            doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-        args.write_docs.write_text(doc)
+            print(text)
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->``; a block
+    is written only from rows that ran, so ``--only`` leaves the other section as it was."""
+    doc = path.read_text()
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{body}{end}"
+    if start in doc:
+        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
     else:
-        print(text)
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(doc)
 
 
 if __name__ == "__main__":
