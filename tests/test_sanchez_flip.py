@@ -72,6 +72,8 @@ def test_recorder_refuses_a_record_of_other_slices_and_an_empty_lesion_has_no_of
     rec.add(torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4))
     with pytest.raises(RuntimeError, match="holds 3 slices, the case has 2"):
         rec.take(2)
+    rec.add(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    rec.reset()  # a case that failed half-way leaves nothing behind
     rec.add(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
     r = rec.take(2, np.ones((2, 4, 4)), np.zeros((2, 4, 4), bool), None)
     assert r["off_target_image_change"] is None and r["flip_rate"] is None  # p = 0.5 is already healthy

@@ -39,6 +39,10 @@ class FlipRecorder:
         t = torch.zeros(len(x), dtype=torch.long, device=x.device)
         return torch.softmax(self.classifier(x, t).float(), dim=1)[:, HEALTHY].double().cpu().numpy()
 
+    def reset(self) -> None:
+        """Forget what was recorded (a case that failed half-way must not leak into the next one)."""
+        self._before, self._after = [], []
+
     def add(self, x: torch.Tensor, x_cf: torch.Tensor) -> None:
         """Record one batch: inputs and their counterfactuals [b, C, S, S]."""
         self._before.append(self.probability(x))
@@ -54,7 +58,7 @@ class FlipRecorder:
         either part is empty). RuntimeError when the recorded slices are not the case's."""
         before = np.concatenate(self._before) if self._before else np.zeros(0)
         after = np.concatenate(self._after) if self._after else np.zeros(0)
-        self._before, self._after = [], []
+        self.reset()
         if len(before) != n_slices:
             raise RuntimeError(f"flip record holds {len(before)} slices, the case has {n_slices}")
         flips = [flipped(b, a, add=True) for b, a in zip(before, after)]

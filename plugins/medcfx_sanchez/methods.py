@@ -312,6 +312,8 @@ class Sampler:
 
     def _explain_case(self, request, entry, mapper, case, bs: int, point) -> dict:
         show = _display_channel(case.channels, request.options.get("display"))
+        if mapper.flips is not None:
+            mapper.flips.reset()
         x_all = torch.from_numpy(np.ascontiguousarray(case.images))
         cfs, maps = [], []
         for i in range(0, len(x_all), bs):
