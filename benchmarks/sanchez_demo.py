@@ -89,7 +89,8 @@ def main() -> None:
         have[f"bench-sanchez-attn-s{s}"] = args.attn_model
     common = ["--data", args.test, "--val", args.val, "--max-slices", args.max_slices, "--device", "cpu"]
     rows = [  # (table, row label, method, model name or None, extra evaluate args, trained on)
-        (1, "Thresholding (FLAIR)", "threshold", None, [], "Not"),
+        (1, "Thresholding (native grid, / median, 5 x 5 median filter, channel of best val. AP)", "threshold", None,
+         ["--channel", "auto"], "Not"),
         (1, "CDPM_healthy", "cdpm-healthy", f"bench-cdpm-healthy-s{s}", [], "Healthy"),
         (1, "CDPM + classifier", "cdpm-classifier", f"bench-cdpm-classifier-s{s}", [], "Full"),
         (1, "Ours (sanchez)", "sanchez", f"bench-sanchez-attn-s{s}", [], "Full"),

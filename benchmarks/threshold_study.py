@@ -1,61 +1,111 @@
 #!/usr/bin/env python
-"""Why is FLAIR thresholding weaker in the sanchez benchmark than on the raw demo volumes?
+"""How strong is the thresholding baseline, and which step makes it so? (issue 18: an honest yardstick)
 
-    python benchmarks/threshold_study.py --data /work/demo-data/brain-test
+    python benchmarks/threshold_study.py --work W --val VAL --test TEST [--max-slices 12] [--write-docs docs/benchmarks.md]
 
-Best pooled Dice of ``FLAIR >= t`` against the whole tumour (brute force over every threshold,
-``medcfx.demo.brain.best_threshold_dice``), with the preprocessing steps of the benchmark added one at a
-time: (a) brain voxels, each scan divided by its median brain intensity (the measure of docs/data.md);
-(b) every voxel, each scan divided by its 99th brain percentile and clipped to [0, 1] (the paper's
-normalisation, ``medcfx.data.preprocess``; the clip alone changes nothing at full resolution); (c) as (b),
-each axial slice then area-resized to 64 x 64 (the threshold baseline's model size) and bilinearly back to
-128 x 128 (the evaluation size), masks nearest-resized.
+Runs ``medcfx evaluate threshold`` with the baseline's steps added one at a time, from medcfx's older
+baseline (each scan / its 99th foreground percentile, clipped to [0, 1], slices resized to 64 px and the map
+brought back) to the current default (native resolution, / the median foreground intensity without clip,
+5 x 5 median filter), then ``--channel auto``. Every variant is scored on the validation cases (what a user
+may look at to choose) and on the test cases with thresholds calibrated on the validation cases, on each
+input's own grid inside its foreground, like every method. Writes the ``threshold-study`` section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-import torch.nn.functional as F
+from common import case_count, grid_text
 
-from medcfx.demo.brain import best_threshold_dice
+OLD = ["--set", "preprocess.size=64", "--set", "preprocess.percentile=99", "--set", "preprocess.clip=true"]
+VARIANTS = [  # (label, evaluate arguments); cumulative
+    ("medcfx's older baseline: FLAIR / 99th percentile, clipped, at 64 px", OLD + ["--median-filter", "1"]),
+    ("+ native resolution", ["--set", "preprocess.percentile=99", "--set", "preprocess.clip=true",
+                             "--median-filter", "1"]),
+    ("+ / median foreground intensity, no clip", ["--median-filter", "1"]),
+    ("+ 5 x 5 median filter (the default)", []),
+    ("+ --channel auto (best validation pixel AP)", ["--channel", "auto"]),
+]
+
+
+def run(args: list, env: dict) -> None:
+    print("$ medcfx " + " ".join(map(str, args)), flush=True)
+    subprocess.run([sys.executable, "-m", "medcfx", *map(str, args)], env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--model-size", type=int, default=64)
-    ap.add_argument("--eval-size", type=int, default=128)
-    args = ap.parse_args()
-    rows = {"a": ([], []), "b": ([], []), "c": ([], [])}
-    for case in sorted(p for p in args.data.iterdir() if p.is_dir()):
-        f = np.asarray(nib.load(str(case / f"{case.name}_flair.nii.gz")).dataobj, dtype=np.float32)
-        s = np.asarray(nib.load(str(case / f"{case.name}_seg.nii.gz")).dataobj) > 0
-        brain = f > 0
-        rows["a"][0].append(f[brain] / np.median(f[brain]))
-        rows["a"][1].append(s[brain])
-        u = np.clip(f / np.percentile(f[brain], 99), 0.0, 1.0)
-        rows["b"][0].append(u.ravel())
-        rows["b"][1].append(s.ravel())
-        t = torch.from_numpy(u).permute(2, 0, 1)[:, None]
-        lo = F.interpolate(t, size=(args.model_size,) * 2, mode="area")
-        hi = F.interpolate(lo, size=(args.eval_size,) * 2, mode="bilinear", align_corners=False)
-        m = F.interpolate(torch.from_numpy(s.astype(np.float32)).permute(2, 0, 1)[:, None],
-                          size=(args.eval_size,) * 2, mode="nearest") > 0.5
-        rows["c"][0].append(hi.numpy().ravel())
-        rows["c"][1].append(m.numpy().ravel())
-    labels = {"a": "brain voxels, FLAIR / median brain intensity",
-              "b": "every voxel, FLAIR / 99th brain percentile, clipped to [0, 1]",
-              "c": f"(b) at {args.model_size} px, scored at {args.eval_size} px"}
-    print(f"{len(rows['a'][0])} cases of {args.data}")
-    for k, (v, y) in rows.items():
-        dice, thr = best_threshold_dice(np.concatenate(v), np.concatenate(y))
-        print(f"({k}) {labels[k]}: best pooled Dice {dice:.3f} at {thr:.3f}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--test", type=Path, required=True)
+    ap.add_argument("--max-slices", type=int, default=12)
+    ap.add_argument("--write-docs", type=Path)
+    a = ap.parse_args()
+    env = {**os.environ, "MEDCFX_HOME": str(a.work / "home"), "MEDCFX_CACHE": str(a.work / "cache")}
+    common = ["--max-slices", a.max_slices, "--device", "cpu", "--n-resamples", 1000]
+    rows = []
+    for i, (label, extra) in enumerate(VARIANTS):
+        val_out, test_out = a.work / f"val-{i}", a.work / f"test-{i}"
+        if not (val_out / "metrics.json").exists():
+            run(["evaluate", "threshold", "--data", a.val, "--out", val_out, *common,
+                 *([] if "auto" in extra else extra), *(["--channel", "flair"] if "auto" in extra else [])], env)
+        if not (test_out / "metrics.json").exists():
+            run(["evaluate", "threshold", "--data", a.test, "--val", a.val, "--out", test_out, *common, *extra], env)
+        v = json.loads((val_out / "metrics.json").read_text())
+        t = json.loads((test_out / "metrics.json").read_text())
+        rows.append((label, v, t, extra))
+        print(label, v["metrics"]["pixel_AUPRC"], t["metrics"]["pixel_AUPRC"], flush=True)
+    text = docs_text(a, rows)
+    if a.write_docs:
+        doc = a.write_docs.read_text()
+        start, end = "<!-- threshold-study:start -->", "<!-- threshold-study:end -->"
+        block = f"{start}\n{text}{end}"
+        doc = (doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]) if start in doc \
+            else doc.rstrip("\n") + "\n\n" + block + "\n"
+        a.write_docs.write_text(doc)
+    print(text)
+
+
+def docs_text(a, rows) -> str:
+    def c(rep, key):
+        v, ci = rep["metrics"].get(key), rep["intervals"].get(key, {})
+        if v is None:
+            return "n/a"
+        return f"{v:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" if ci.get("ci_low") is not None else f"{v:.3f}"
+
+    head = ("| thresholding map | val. pixel AP | val. ideal Dice | test pixel AP | test ideal Dice (oracle) | "
+            "test Dice @ val. best | test Dice @ 5 % FPR | test image AUROC |\n|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {label} | {c(v, 'pixel_AUPRC')} | {c(v, 'pixel_ideal_Dice_oracle')} | {c(t, 'pixel_AUPRC')} | "
+                   f"{c(t, 'pixel_ideal_Dice_oracle')} | {c(t, 'pixel_Dice@valDice')} | {c(t, 'pixel_Dice@fpr5')} | "
+                   f"{c(t, 'image_AUROC')} |\n" for label, v, t, _ in rows)
+    choice = rows[-1][2].get("channel_choice")
+    chosen = ""
+    if choice:
+        aps = ", ".join(f"{k} {x:.3f}" for k, x in choice["validation_AP"].items())
+        chosen = f"\n`--channel auto` chose `{rows[-1][2]['channel']}` (validation pixel AP {aps}).\n"
+    cmds = "\n".join(f"medcfx evaluate threshold --data {a.test} --val {a.val} --max-slices {a.max_slices} "
+                     + " ".join(map(str, extra)) for _, _, _, extra in rows)
+    return f"""## The thresholding baseline, step by step (`benchmarks/threshold_study.py`)
+
+Demo brains: `{a.val.name}` ({case_count(a.val)} cases) and `{a.test.name}` ({case_count(a.test)} cases,
+{grid_text(a.test)}), {a.max_slices} slices per case spread evenly, scored on each input's own grid inside its
+foreground; test thresholds calibrated on the validation cases; [95 % bootstrap interval over cases]. Each row
+adds one step to the row above.
+
+{head}{body}{chosen}
+Reproduce: `python benchmarks/threshold_study.py --work W --val {a.val} --test {a.test} --max-slices {a.max_slices} --write-docs docs/benchmarks.md`
+
+```
+{cmds}
+```
+"""
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -74,11 +74,16 @@ from medcfx.data.layouts_npz import iter_npz_rows, npz_member_header
 from medcfx.data.sliceset import PREPROCESS_VERSION, SliceSet, open_checked
 from medcfx.errors import MedcfxError, UsageError
 
+NATIVE = 0  # preprocess.size: each case at its own in-plane size (thresholding baseline)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How files become model-sized slices; every field is part of the cache key.
 
-    size            output height = width (methods train at 64 and evaluate at 128)
+    size            output height = width (methods train at 64 and evaluate at 128); 0 = NATIVE: each case at
+                    its own in-plane size (the square side max(H, W), so pad + resize is the identity), for the
+                    thresholding baseline, which has no network; a SliceSet (training) refuses it
     modalities      MRI channels in order (brats, nnU-Net MRI); aliases t1n, t1c, t2w, t2f accepted
     percentile      per-scan, per-modality foreground percentile that maps to 1 (before the 2u - 1 step)
     clip            clip x / p to [0, 1]; False keeps values above the percentile (> 1 after scaling)
@@ -102,8 +107,9 @@ class PreprocessConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", resolve_modalities(self.modalities))
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or not 4 <= int(self.size) <= 4096:
-            raise UsageError(f"preprocess size must be an integer in [4, 4096], got {self.size!r}")
+        if (isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer))
+                or not (4 <= int(self.size) <= 4096 or int(self.size) == NATIVE)):
+            raise UsageError(f"preprocess size must be an integer in [4, 4096] or 0 (native), got {self.size!r}")
         object.__setattr__(self, "size", int(self.size))
         try:
             pct = float(self.percentile)
@@ -179,6 +185,11 @@ def load_volume_case(case: Case) -> tuple[list[Volume], Volume | None]:
     return vols, seg
 
 
+def _native(geom: SliceGeometry, cfg: PreprocessConfig) -> SliceGeometry:
+    """``geom`` at the case's own in-plane size when ``cfg.size`` is NATIVE (0), else as given."""
+    return dataclasses.replace(geom, size=geom.side) if cfg.size == NATIVE else geom
+
+
 def volume_case_geometry(case: Case, names: list[str], vols: list[Volume], seg: Volume | None,
                          cfg: PreprocessConfig) -> tuple[SliceGeometry, np.ndarray, list[str]]:
     """Everything about a volume case that can refuse it, before any scaling (shared with ``data check``).
@@ -192,7 +203,7 @@ def volume_case_geometry(case: Case, names: list[str], vols: list[Volume], seg: 
     check_same_grid(f"case {case.id}", items)
     ornt, notes = volume_orientation(vols[0], f"{vols[0].path}")
     shape = tuple(vols[0].shape)
-    geom = SliceGeometry(shape, cfg.axis, cfg.size, (), ornt)
+    geom = _native(SliceGeometry(shape, cfg.axis, cfg.size or 1, (), ornt), cfg)
     geom = dataclasses.replace(geom, kept=tuple(range(geom.canonical_shape[cfg.axis])))
     if geom.ornt != IDENTITY_ORNT:
         notes.insert(0, f"stored as {axcodes(vols[0].affine)}: sliced after reorientation to RAS+; outputs are "
@@ -227,7 +238,7 @@ def process_volume_case(case: Case, layout: Layout, cfg: PreprocessConfig,
     else:
         kept = np.arange(len(area))
     geom = dataclasses.replace(geom, kept=tuple(int(k) for k in kept))
-    n, S = len(kept), cfg.size
+    n, S = len(kept), geom.size
     images = np.empty((n, len(vols), S, S), dtype=np.float32)
     for c, (name, v) in enumerate(zip(names, vols)):
         x, more = scale_volume(v.data, fg, cfg.percentile, cfg.clip, f"{name} ({v.path})")
@@ -271,7 +282,7 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
     if u.shape[0] != channels and {u.shape[0], channels} != {1, 3}:
         raise MedcfxError(f"{case.channels[0]}: the image has {u.shape[0]} channel(s) but the model expects {channels}")
     u = convert_channels(u, channels)
-    geom = SliceGeometry(tuple(int(s) for s in hw), None, cfg.size, (0,))
+    geom = _native(SliceGeometry(tuple(int(s) for s in hw), None, cfg.size or 1, (0,)), cfg)
     images = geom.to_model(u)  # [1, C, S, S]
     images = images * 2.0 - 1.0
     K = len(layout.label_names)
@@ -283,7 +294,7 @@ def process_image_case(case: Case, layout: Layout, cfg: PreprocessConfig, channe
         if layout.kind == "nnunet":
             labels[0, 0] = float(lesion.any())
     elif case.mask_empty:
-        masks = np.zeros((1, cfg.size, cfg.size), np.uint8)
+        masks = np.zeros((1, geom.size, geom.size), np.uint8)
         lesion = np.zeros(hw, bool)
     bbox = None
     if case.bbox:
@@ -340,6 +351,9 @@ def prepare(
     callable ``(done, total, case_id)``.
     """
     cfg = cfg or PreprocessConfig()
+    if cfg.size == NATIVE:
+        raise UsageError("preprocess.size 0 (native) is for the thresholding baseline only: a model trains and "
+                         "runs at one fixed size (set preprocess.size)")
     if layout is None:
         layout = load_layout(path, kind, cfg.modalities) if kind else detect_layout(path, cfg.modalities)
     if layout.problems:

@@ -34,6 +34,7 @@ from medcfx.train import register_fit
 
 from .counterfactual import HEALTHY, SOLVERS, CFParams, counterfactual, heatmap, reconstruction
 from .flip import FlipRecorder
+from . import threshold as thr
 from .networks import DEFAULTS, NoisyClassifier
 from .train import saved_config, train_classifier, train_diffusion
 
@@ -103,7 +104,7 @@ SELF_CHECK = Option("self_check_slices", int, 2, "slices per case whose unguided
 # (docs/methods/sanchez.md). 0.5 = a quarter of the intensity range; the bundled sanchez-demo's heatmap of
 # its demo case peaks at 0.38 (mean 0.16 inside the tumour), so the tumour sits mid-scale, unsaturated.
 HEAT_SCALE = figures.MapScale("heatmap = mean |x - x_cf| over channels (images in [-1, 1])", 0.5)
-THRESHOLD_SCALE = figures.MapScale("heatmap = normalised intensity (x + 1) / 2", 1.0)
+THRESHOLD_SCALE = figures.MapScale("heatmap = intensity / its median foreground intensity (median-filtered)", 3.0)
 DECISION_EXTRA = [
     Option("operating_point", str, None, "calibrated threshold for mask.nii.gz: fpr<N> (default) or valDice"),
     Option("min_size", int, 1, "smallest lesion component kept, in voxels (pixels in 2D)", bounds="[1, inf)"),
@@ -171,10 +172,7 @@ class Mapper:
         self.method = method
         self.entry = entry
         self.device = request.device
-        self.params = None
         self.flips = None  # cdpm-classifier: P(healthy) before / after of every mapped slice (flip rate)
-        if method == "threshold":
-            return
         model, entry = load_unet(request.registry, entry.ref if entry else request.model, device=self.device)
         self.params = _params(request, method, entry)
         self.entry = entry
@@ -197,9 +195,8 @@ class Mapper:
         sampled slices spread evenly: the mean absolute error |x - reconstruction| in intensity units [0, 1]
         (channel and pixel mean) per checked slice, and ``flagged`` when the largest exceeds
         the sampler's limit (SELF_CHECK_LIMITS; the heatmap of this case then shows reconstruction error,
-        not only lesion).
-        None for the threshold baseline (no model) or ``n_slices`` = 0."""
-        if self.method == "threshold" or n_slices <= 0:
+        not only lesion). None for ``n_slices`` = 0."""
+        if n_slices <= 0:
             return None
         rows = select_rows(len(case.images), max_slices=n_slices)
         errors = []
@@ -214,13 +211,26 @@ class Mapper:
                 "limit": self_check_limit(self.params), "flagged": bool(worst > self_check_limit(self.params))}
 
     def __call__(self, x: torch.Tensor, channel: int | None = None):
-        if self.method == "threshold":
-            return None, (x[:, channel] + 1) / 2  # the channel's normalised intensity in [0, 1]
         x_cf = counterfactual(self.denoiser, x, self.schedule, self.params, GUIDANCE_KIND[self.method],
                               null_label=self.model.null_label, classifier_grad=self.grad)
         if self.flips is not None:
             self.flips.add(x, x_cf)
         return x_cf, heatmap(x, x_cf)
+
+
+def make_mapper(method: str, request, entry=None):
+    """The Mapper of a method, or the thresholding baseline's (no model; ``threshold.ThresholdMapper``)."""
+    if method == "threshold":
+        return thr.ThresholdMapper(int(_option(request, "median_filter", thr.MEDIAN_FILTER)))
+    return Mapper(method, request, entry)
+
+
+def _shown(request_options: dict, method: str, channels: list[str]) -> int:
+    """The channel a method's panels show; for the threshold baseline also the one it thresholds (--channel,
+    else --display, else flair / the last)."""
+    if method == "threshold":
+        return thr.channel_index(channels, request_options.get("channel") or request_options.get("display"))
+    return _display_channel(channels, request_options.get("display"))
 
 
 def _resolve_entry(request, method: str):
@@ -300,7 +310,8 @@ class Sampler:
     def explain(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
         cfg = _preprocess(request, entry)
-        mapper = Mapper(self.method, request, entry)
+        mapper = make_mapper(self.method, request, entry)
+        _shown(request.options, self.method, list(cfg.modalities))  # a bad --channel / --display: before any work
         channels = mapper.channels if self.method != "threshold" else None
         bs = request.options.get("batch_size") or int(request.config["explain"]["batch_size"])
         point, said = operating_point(request, entry, mapper.params.__dict__ if mapper.params else {}, self.method)
@@ -311,7 +322,7 @@ class Sampler:
                             **said})
 
     def _explain_case(self, request, entry, mapper, case, bs: int, point) -> dict:
-        show = _display_channel(case.channels, request.options.get("display"))
+        show = _shown(request.options, self.method, case.channels)
         if mapper.flips is not None:
             mapper.flips.reset()
         x_all = torch.from_numpy(np.ascontiguousarray(case.images))
@@ -379,7 +390,18 @@ class Scorer:
 
     def evaluate(self, request) -> dict:
         entry = _resolve_entry(request, self.method)
-        map_batch, cases_of, bs, context, mapper = _scoring(request, self.method, entry, request.options)
+        options, choice = request.options, None
+        if self.method == "threshold" and options.get("channel") == "auto":
+            modalities = list(_preprocess(request, None).modalities)
+            name, ap = thr.choose_channel(modalities, request.extra.get("val"),
+                                          lambda c, val: run_evaluation(request, "threshold", None,
+                                                                        {**options, "channel": c}, val)["pixel_AUPRC"])
+            request.log(f"--channel auto: {name} (validation pixel AP " + ", ".join(f"{k} {v:.3f}" for k, v in ap.items())
+                        + ")")
+            options, choice = {**options, "channel": name}, {"rule": "best validation pixel AP", "validation_AP": ap}
+        map_batch, cases_of, bs, context, mapper = _scoring(request, self.method, entry, options)
+        if choice is not None:
+            context["channel_choice"] = choice
         n = int(_option(request, "self_check_slices", 2))
         return evaluate_cases(request, self.method, entry, map_batch, cases_of, bs, context,
                               self_check=lambda case: mapper.self_check(case, n, bs), flips=mapper.flips)
@@ -397,13 +419,15 @@ def _scoring(request, method: str, entry, options: dict):
     """(map_batch, cases_of, batch size, settings, mapper) of one method/model for :mod:`medcfx.scoring`."""
     cfg = _preprocess(request, entry)
     req = _with_options(request, options)
-    mapper = Mapper(method, req, entry)
-    show = _display_channel(list(cfg.modalities), options.get("display"))
+    mapper = make_mapper(method, req, entry)
+    show = _shown(req.options, method, list(cfg.modalities))
     channels = mapper.channels if method != "threshold" else len(cfg.modalities)
     bs = options.get("batch_size") or int(request.config["explain"]["batch_size"])
     context = {"backend": req.extra.get("backend", "torch"), "bf16": bool(req.extra.get("bf16")),
                "slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
-               **(dict(mapper.params.__dict__) if mapper.params else {"channel": cfg.modalities[show]})}
+               **(dict(mapper.params.__dict__) if mapper.params else {
+                   "channel": cfg.modalities[show], "median_filter": mapper.k, "size": "native" if not cfg.size else cfg.size,
+                   "normalisation": f"x / foreground percentile {cfg.percentile:g}" + (", clipped" if cfg.clip else "")})}
     return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context, mapper
 
 
@@ -475,9 +499,12 @@ def methods() -> list[Method]:
     out.append(Method(
         name="threshold", summary="baseline: intensity thresholding of one channel (Meissen et al. 2021)",
         capabilities={"explain", "evaluate"}, sampler=Sampler("threshold"), scorer=Scorer("threshold"), batch=True,
-        defaults={k: v for k, v in DEFAULTS.items() if k in ("preprocess", "explain")},
-        options={"explain": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EXPLAIN_EXTRA,
-                 "evaluate": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EVAL_EXTRA + EXPLAIN_EXTRA[1:]},
+        defaults=deep_merge({k: v for k, v in DEFAULTS.items() if k in ("preprocess", "explain")},
+                            {"preprocess": thr.PREPROCESS}),
+        options={"explain": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EXPLAIN_EXTRA
+                 + thr.OPTIONS,
+                 "evaluate": [Option("batch_size", int, None, "slices per batch", bounds="[1, inf)")] + EVAL_EXTRA
+                 + EXPLAIN_EXTRA[1:] + thr.OPTIONS},
         deterministic=dict.fromkeys(("explain", "evaluate"), "threshold maps a channel's intensity (no randomness)"),
     ))
     return out
