@@ -368,24 +368,31 @@ def test_tampered_weights_are_refused(trained, brain, tmp_path):
 
 def test_threshold_evaluation_matches_sklearn(brain, tmp_path, home):
     """The whole evaluate path (cases read one at a time, maps on each input's own grid, streamed per-case
-    metrics, bootstrap, report) against scikit-learn on the pooled foreground voxels, with the lesion read
-    back by nibabel from the _seg files."""
+    metrics, bootstrap, report) against scikit-learn on the pooled foreground voxels; the baseline's map
+    recomputed here from the FLAIR file read by nibabel (/ median foreground intensity, 5 x 5 median filter per
+    axial slice at the native resolution) and the lesion from the _seg files."""
     import nibabel as nib
+    from scipy.ndimage import median_filter
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from medcfx.data.preprocess import PreprocessConfig
     from medcfx.inputs import iter_cases
 
     env = cli_env(home)
-    run_cli(["evaluate", "threshold", "--data", brain, "--out", tmp_path / "ev", "--set", "preprocess.size=16",
-             "--batch-size", "3", "--n-resamples", "50"], env=env, check=0)
+    run_cli(["evaluate", "threshold", "--data", brain, "--out", tmp_path / "ev", "--batch-size", "3",
+             "--n-resamples", "50"], env=env, check=0)
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     got = report["metrics"]
+    assert report["size"] == "native" and report["median_filter"] == 5 and report["channel"] == "flair"
     scores, labels = [], []
-    for case in iter_cases(brain, PreprocessConfig(size=16), 4):
-        heat = case.to_original((case.images[:, 3] + 1) / 2)  # the FLAIR channel, as the baseline maps it
+    for case in iter_cases(brain, PreprocessConfig(size=0, percentile=50, clip=False), 4):
+        flair = np.asarray(nib.load(str(brain / case.id / f"{case.id}_flair.nii.gz")).dataobj, np.float64)
         seg = np.asarray(nib.load(str(next((brain / case.id).glob("*_seg.nii.gz")))).dataobj) > 0
-        fg = case.result.foreground
+        fg = case.result.foreground  # medcfx's scoring region; the map itself is recomputed here
+        u = flair / np.median(flair[fg])
+        heat = np.zeros(flair.shape)
+        for k in case.slice_index:  # the slices the baseline maps (enough foreground); the others stay 0
+            heat[:, :, k] = median_filter(u[:, :, k], size=5, mode="nearest")
         scores.append(heat[fg])
         labels.append(seg[fg])
     scores, labels = np.concatenate(scores), np.concatenate(labels)

@@ -1,0 +1,98 @@
+"""The thresholding baseline's own steps (issue 18): the native grid (preprocess.size 0) is the identity on
+any in-plane shape and storage orientation, --channel auto picks the channel of best validation AP
+(checked against scikit-learn per channel), and what cannot use a native size refuses it."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from conftest import cli_env, run_cli
+from medcfx.data.preprocess import PreprocessConfig, prepare
+from medcfx.errors import UsageError
+from medcfx.inputs import iter_cases
+
+
+def _volume(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS"])
+def test_native_size_keeps_every_voxel_of_a_non_square_volume(tmp_path, codes):
+    """size 0: each slice at its own in-plane size; mapping the model slices back gives the scaled input
+    voxel for voxel (no resampling), whatever the storage orientation (nibabel flips the storage)."""
+    rng = np.random.default_rng(0)
+    ras = np.zeros((30, 20, 6), np.float32)
+    ras[3:27, 2:18] = rng.uniform(50, 150, (24, 16, 6)).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    data = ras
+    if codes == "LPS":  # the same image stored with x and y reversed
+        data = ras[::-1, ::-1].copy()
+        affine = np.diag([-1.5, -1.0, 2.0, 1.0])
+        affine[:3, 3] = [1.5 * 29, 1.0 * 19, 0]
+    _volume(tmp_path / "vol.nii.gz", data, affine)
+    case = next(iter_cases(tmp_path / "vol.nii.gz", PreprocessConfig(size=0, percentile=50, clip=False,
+                                                                       min_foreground=0), 1))
+    assert case.images.shape == (6, 1, 30, 30)  # the square side max(30, 20)
+    fg = data != 0
+    want = np.where(fg, data / np.median(data[fg]), 0)
+    back = case.to_original((case.images[:, 0] + 1) / 2)
+    np.testing.assert_allclose(back, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_cannot_be_trained_or_prepared_at_the_native_size(tmp_path):
+    with pytest.raises(UsageError, match="preprocess.size 0 \\(native\\) is for the thresholding baseline only"):
+        prepare(tmp_path, PreprocessConfig(size=0))
+    with pytest.raises(UsageError, match="\\[4, 4096\\] or 0"):
+        PreprocessConfig(size=2)
+
+
+def _cases(root, flair_lesion: bool, n: int, seed: int):
+    """n cases with 3 channels: a lesion that is bright in FLAIR or bright in T2 only."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"case{i}"
+        d.mkdir(parents=True)
+        brain = np.zeros((24, 24, 8), bool)
+        brain[3:21, 3:21, 1:7] = True
+        seg = np.zeros(brain.shape, np.uint8)
+        x0, y0 = rng.integers(5, 14, 2)
+        seg[x0:x0 + 5, y0:y0 + 5, 3:5] = 1
+        for name, bright in (("t1", False), ("t2", not flair_lesion), ("flair", flair_lesion)):
+            v = np.where(brain, rng.normal(100, 10, brain.shape), 0).astype(np.float32)
+            if bright:
+                v[seg > 0] += 60
+            _volume(d / f"case{i}_{name}.nii.gz", v, np.eye(4))
+        _volume(d / f"case{i}_seg.nii.gz", seg, np.eye(4))
+
+
+@pytest.mark.parametrize("flair_lesion,want", [(True, "flair"), (False, "t2")])
+def test_channel_auto_takes_the_channel_of_best_validation_ap(tmp_path, home, flair_lesion, want):
+    _cases(tmp_path / "val", flair_lesion, 2, seed=1)
+    _cases(tmp_path / "test", flair_lesion, 2, seed=2)
+    env = cli_env(home)
+    mods = ["--set", "preprocess.modalities=[t1,t2,flair]", "--median-filter", "1", "--n-resamples", "0"]
+    p = run_cli(["evaluate", "threshold", "--data", tmp_path / "test", "--val", tmp_path / "val", "--channel", "auto",
+                 "--out", tmp_path / "ev", *mods], env=env, check=0)
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert rep["channel"] == want and f"--channel auto: {want}" in " ".join((p.stdout + p.stderr).split())
+    # the validation AP of each channel, recomputed with scikit-learn from the files (/ median, no filter)
+    for ch, got in rep["channel_choice"]["validation_AP"].items():
+        s, y = [], []
+        for d in sorted((tmp_path / "val").iterdir()):
+            v = np.asarray(nib.load(str(d / f"{d.name}_{ch}.nii.gz")).dataobj, np.float64)
+            seg = np.asarray(nib.load(str(d / f"{d.name}_seg.nii.gz")).dataobj) > 0
+            fg = v != 0
+            s.append((v / np.median(v[fg]))[fg])
+            y.append(seg[fg])
+        assert got == pytest.approx(average_precision_score(np.concatenate(y), np.concatenate(s)), abs=1e-3)
+    # auto without --val, and auto for explain: refused before any work
+    p = run_cli(["evaluate", "threshold", "--data", tmp_path / "test", "--channel", "auto", "--out", tmp_path / "x",
+                 *mods], env=env)
+    assert p.returncode == 2 and "give --val" in p.stderr and not (tmp_path / "x").exists()
+    p = run_cli(["explain", tmp_path / "test", "--method", "threshold", "--channel", "auto", "--out", tmp_path / "y",
+                 "--set", "preprocess.modalities=[t1,t2,flair]"], env=env)
+    assert p.returncode == 2 and "--channel auto is chosen on validation data" in p.stderr
+    assert not (tmp_path / "y").exists()
