@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--only-eval", action="store_true")
     ap.add_argument("--attn-model", default=None,
                     help="use this registered sanchez model (e.g. sanchez-demo, same preset and seed) for the attention rows")
+    ap.add_argument("--cdpm-classifier-guidance", type=float, default=None,
+                    help="the classifier scale s of the CDPM + classifier row, chosen on validation data (`medcfx "
+                         "sweep cdpm-classifier --data VAL`); default the method's (100)")
     ap.add_argument("--out", type=Path, default=Path("bench-sanchez"))
     ap.add_argument("--rows", default="", help="evaluate only these rows (comma-separated indices; docs are not written)")
     args = ap.parse_args()
@@ -92,7 +95,10 @@ def main() -> None:
         (1, "Thresholding (native grid, / median, 5 x 5 median filter, channel of best val. AP)", "threshold", None,
          ["--channel", "auto"], "Not"),
         (1, "CDPM_healthy", "cdpm-healthy", f"bench-cdpm-healthy-s{s}", [], "Healthy"),
-        (1, "CDPM + classifier", "cdpm-classifier", f"bench-cdpm-classifier-s{s}", [], "Full"),
+        (1, "CDPM + classifier" + (f" (s = {args.cdpm_classifier_guidance:g}, chosen on val.)"
+                                   if args.cdpm_classifier_guidance is not None else ""),
+         "cdpm-classifier", f"bench-cdpm-classifier-s{s}",
+         ["--guidance", args.cdpm_classifier_guidance] if args.cdpm_classifier_guidance is not None else [], "Full"),
         (1, "Ours (sanchez)", "sanchez", f"bench-sanchez-attn-s{s}", [], "Full"),
         (2, "CDPM (no guidance)", "sanchez", f"bench-sanchez-attn-s{s}", ["--guidance", "0", "--dn-percentile", "0"], "Full"),
         (2, "+ implicit guidance (AdaGN)", "sanchez", f"bench-sanchez-adagn-s{s}", ["--dn-percentile", "0"], "Full"),
@@ -140,7 +146,7 @@ def write_docs(args, results, train_seconds) -> None:
     t1 = t([r for r in results if r["table"] == 1],
            [("Method", lambda r: r["label"]), ("AUPRC", pct("pixel_AUPRC")), *dice,
             ("image AUROC", pct("image_AUROC")), ("Trained on", lambda r: r["trained_on"])])
-    t2 = t([r for r in results if r["table"] == 2] + [r for r in results if r["label"] in ("CDPM_healthy", "CDPM + classifier")],
+    t2 = t([r for r in results if r["table"] == 2] + [r for r in results if r["label"].startswith(("CDPM_healthy", "CDPM + classifier"))],
            [("Improvements", lambda r: r["label"]), ("AUPRC", pct("pixel_AUPRC")), *dice])
     first = results[0]["metrics"]
     flips = "".join(f"- {r['label']}: its classifier (t = 0) called {r['flip']['counted']} of {r['flip']['slices']} test "

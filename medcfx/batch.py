@@ -37,7 +37,7 @@ __all__ = ["SUMMARY_COLUMNS", "check_batch_options", "parts_of", "rank_device", 
 
 PLAIN_EVERY_S = 30.0
 SUMMARY_COLUMNS = ("case", "status", "model", "decision", "image_score", "lesion_size", "unit", "n_components",
-                   "self_check_error", "warning", "error")
+                   "self_check_error", "flip_rate", "p_target_before", "p_target_after", "warning", "error")
 
 
 def parts_of(extra: dict) -> tuple[int, int]:
@@ -169,6 +169,7 @@ def _row(folder: Path) -> dict | None:
     d = prov.get("decision") or {}
     size_key = next((k for k in d if k.startswith("lesion_size_")), None)
     check = prov.get("self_check") or {}
+    flip = prov.get("flip") or {}  # a classifier-guided method's (cdpm-classifier)
     warning = ""
     if check.get("flagged"):
         warning = f"inversion self-check above {check.get('limit')}"
@@ -177,6 +178,9 @@ def _row(folder: Path) -> dict | None:
             "lesion_size": d.get(size_key, "") if size_key else "", "unit": size_key[12:] if size_key else "",
             "n_components": d.get("n_components", ""),
             "self_check_error": max(check["mean_abs_error"]) if check.get("mean_abs_error") else "",
+            **{k: "" if flip.get(key) is None else flip[key] for k, key in (
+                ("flip_rate", "flip_rate"), ("p_target_before", "p_target_before_mean"),
+                ("p_target_after", "p_target_after_mean"))},
             "warning": warning, "error": ""}
 
 

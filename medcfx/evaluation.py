@@ -163,9 +163,10 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
         thresholds = stored[0].thresholds()
         context["calibration"] = {"source": entry.ref, **stored[0].to_dict()}
     else:
-        context["calibration"] = "none: no thresholded Dice (calibrate the model, or give --val VALIDATION_SET)"
+        how = "run `medcfx calibrate` or give --val" if entry is not None else "give --val VALIDATION_SET"
+        context["calibration"] = f"none: no thresholded Dice ({how})"
         request.log(f"{entry.ref if entry else method} has no calibration: Dice at an operating point is not "
-                      f"reported (run `medcfx calibrate` or give --val)")
+                    f"reported ({how})")
     slices, checks, flip_records = [0], {}, {}
 
     def done(case, heat) -> None:
@@ -194,7 +195,8 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
                 "p_target_before": r["p_target_before_mean"], "p_target_after": r["p_target_after_mean"],
                 "flip_rate": r["flip_rate"], "off_target_image_change": r["off_target_image_change"]})
         rate = "n/a (no slice started on the other side)" if f["flip_rate"] is None else f"{f['flip_rate']:.3f}"
-        request.log(f"flip to {f['target']} ({f['judge']}): {f['flipped']} of {f['counted']} slices, rate {rate}; "
+        request.log(f"flip to {f['target']} ({f['judge']}): {f['flipped']} of the {f['counted']} counted slices "
+                    f"({f['slices']} sampled; {f['slices'] - f['counted']} already {f['target']}), rate {rate}; "
                     f"mean P({f['target']}) {f['p_target_before_mean']:.3f} -> {f['p_target_after_mean']:.3f}")
     return report(request, method, entry.ref if entry is not None else "-", cm, context,
                   request.extra.get("n_resamples"), per_case_extra=per_case)

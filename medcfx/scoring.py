@@ -196,9 +196,12 @@ def operating_point(request, entry, params: dict, method: str) -> tuple[tuple[st
     (``calibration_settings``): the threshold belongs to the maps of those settings."""
     found = calibration_of(entry, request.options.get("operating_point"))
     if found is None:
-        who = entry.ref if entry is not None else method
+        if entry is None:  # a method without a model (the threshold baseline) has nowhere to store one
+            return None, {"calibration": f"none: heatmap only (no mask, volume or decision); {method} has no model "
+                                         f"to store a calibration with: `medcfx evaluate {method} --val "
+                                         f"VALIDATION_SET` reports its Dice at calibrated thresholds"}
         return None, {"calibration": f"none: heatmap only (no mask, volume or decision); run `medcfx calibrate "
-                                     f"{who} --data VALIDATION_SET` first"}
+                                     f"{entry.ref} --data VALIDATION_SET` first"}
     cal, name, threshold = found
     said = {"operating_point": {"name": name, "threshold": threshold, "rule": "score > threshold",
                                 "calibrated_on": cal.data_fingerprint[:12], "calibrated_cases": cal.n_cases}}

@@ -182,3 +182,20 @@ def test_evaluate_localises_at_the_calibrated_thresholds(home, models, data, tmp
     assert got["volume_Dice_mean@fpr5"] == pytest.approx(np.mean(dice_case), abs=1e-9)
     assert got["image_AUROC"] == pytest.approx(roc_auc_score(img_labels, img_scores))
     assert rep["targets"] == ["no-cardiomegaly"] and rep["steps"] == STEPS and rep["positive_images"] == 3
+
+
+def test_localisation_refuses_additions_and_a_set_without_a_positive_box(home, models, data, tmp_path):  # noqa: F811
+    env = _env(home)
+    p = run_cli(["calibrate", "mediffusion:1", "--data", data, "--target", "cardiomegaly", "--steps", STEPS], env=env)
+    assert p.returncode == 2 and "only removal targets" in p.stderr and p.stderr.count("\n") == 1
+    run_cli(["calibrate", "mediffusion:1", "--data", data, "--target", "no-cardiomegaly", "--steps", STEPS,
+             "--cf-images", "4"], env=env, check=0)
+    rows = list(csv.reader(open(data / "labels.csv")))
+    for r in rows[1:]:
+        r[3] = ""  # no box: every positive image is skipped, only negatives are left
+    with open(data / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    p = run_cli(["evaluate", "mediffusion", "--model", "mediffusion:2", "--data", data, "--localise-images", "4",
+                 "--cf-images", "0", "--out", tmp_path / "ev"], env=env)
+    assert p.returncode != 0 and "pixel AP and Dice are undefined" in p.stderr
+    assert not (tmp_path / "ev").exists()

@@ -160,7 +160,7 @@ def test_threshold_explain_writes_the_panels_at_the_input_size(tmp_path):
     w, h = Image.open(folder / "panels" / names[0]).size
     f = figures.tile_factor((36, 40))
     assert w >= 3 * 40 * f and h >= 36 * f  # input, heatmap, annotation; each at least the input's size
-    assert prov["params"]["panel_colour_scale"] == [0.0, 1.0]
+    assert prov["params"]["panel_colour_scale"] == [0.0, 3.0]  # the baseline's fixed range: u = x / median
 
 
 # ------------------------------------------------------------------------------------------------ grade strip

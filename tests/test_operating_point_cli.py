@@ -40,7 +40,10 @@ def _flair_voxels(data, size=16):
 
 def test_evaluate_with_val_calibrates_then_scores_dice_at_each_threshold(sets):
     root, env = sets["root"], sets["env"]
+    # the baseline's map pinned to the plain normalised FLAIR at 16 px (what _flair_voxels recomputes), so this
+    # test is about calibration and scoring, not the baseline's defaults (tests/test_threshold_baseline.py)
     run_cli(["evaluate", "threshold", "--data", root / "test", "--val", root / "val", "--set", "preprocess.size=16",
+             "--set", "preprocess.percentile=99", "--set", "preprocess.clip=true", "--median-filter", "1",
              "--n-resamples", "30", "--out", root / "ev"], env=env, check=0)
     report = json.loads((root / "ev" / "metrics.json").read_text())
     cal = report["calibration"]

@@ -1,6 +1,7 @@
 """The flip rate of the classifier-guided baseline (cdpm-classifier): P(healthy) at t = 0 before and after,
 recorded per slice, counted and pooled as the docs say, in explain's provenance and in evaluate's report."""
 
+import csv
 import json
 import math
 
@@ -67,7 +68,7 @@ def test_recorder_probabilities_flips_and_off_target_change_match_brute_force():
     assert s["off_target_image_change_mean"] == pytest.approx(r["off_target_image_change"])  # cases that have it
 
 
-def test_recorder_refuses_a_record_of_other_slices_and_an_empty_lesion_has_no_off_target_figure():
+def test_recorder_refuses_a_record_of_other_slices_and_a_healthy_case_is_all_off_target():
     rec = FlipRecorder(MeanClassifier())
     rec.add(torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4))
     with pytest.raises(RuntimeError, match="holds 3 slices, the case has 2"):
@@ -75,8 +76,11 @@ def test_recorder_refuses_a_record_of_other_slices_and_an_empty_lesion_has_no_of
     rec.add(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
     rec.reset()  # a case that failed half-way leaves nothing behind
     rec.add(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
-    r = rec.take(2, np.ones((2, 4, 4)), np.zeros((2, 4, 4), bool), None)
-    assert r["off_target_image_change"] is None and r["flip_rate"] is None  # p = 0.5 is already healthy
+    heat = np.arange(32, dtype=float).reshape(2, 4, 4)
+    r = rec.take(2, heat, np.zeros((2, 4, 4), bool), None)
+    assert r["flip_rate"] is None  # p = 0.5 is already healthy
+    # a case without lesion: every change is off-target; nothing inside
+    assert r["off_target_image_change"] == pytest.approx(heat.mean()) and r["lesion_image_change"] is None
 
 
 TINY = {
@@ -132,7 +136,13 @@ def test_explain_and_evaluate_report_the_classifier_flip(trained, tmp_path):
     assert len(after) == summary["slices"] == len(case.slice_index) and ((after >= 0) & (after <= 1)).all()
     counted = before < 0.5
     assert flip["counted"] == counted.sum() and flip["flipped"] == (counted & (after >= 0.5)).sum()
-    assert summary["p_healthy_before"] == pytest.approx(before.mean())
+    assert summary["p_target_before"] == pytest.approx(before.mean())
+    row = next(csv.DictReader(open(tmp_path / "ex" / "summary.csv")))  # the batch summary carries it too
+    assert float(row["p_target_before"]) == pytest.approx(before.mean())
+    if flip["flip_rate"] is None:
+        assert row["flip_rate"] == ""
+    else:
+        assert float(row["flip_rate"]) == pytest.approx(flip["flip_rate"])
     # the case has its _seg file: the off-target change is the heatmap's mean outside the lesion
     assert flip["off_target_image_change"] is not None and flip["lesion_image_change"] is not None
 

@@ -96,3 +96,23 @@ def test_channel_auto_takes_the_channel_of_best_validation_ap(tmp_path, home, fl
                  "--set", "preprocess.modalities=[t1,t2,flair]"], env=env)
     assert p.returncode == 2 and "--channel auto is chosen on validation data" in p.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_bad_threshold_settings_are_refused_before_any_work_and_provenance_says_what_ran(tmp_path, home):
+    from medcfx.demo import make_demo
+
+    make_demo("brain", tmp_path / "d", cases=1, seed=0, shape=(32, 32, 10), tumour_free_fraction=0.0)
+    case = next(p for p in (tmp_path / "d").iterdir() if p.is_dir())
+    env = cli_env(home)
+    for args, says in ((["--median-filter", "4"], "odd number of pixels"), (["--median-filter", "33"], "--median-filter"),
+                       (["--model", "sanchez-demo"], "threshold has no model"), (["--channel", "nosuch"], "the input's channels are")):
+        p = run_cli(["explain", case, "--method", "threshold", "--out", tmp_path / "x", *args], env=env)
+        assert p.returncode == 2 and says in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert not (tmp_path / "x").exists()
+    p = run_cli(["explain", case, "--method", "threshold", "--out", tmp_path / "o", "--channel", "t2",
+                 "--median-filter", "3"], env=env, check=0)
+    prov = json.loads((tmp_path / "o" / case.name / "provenance.json").read_text())
+    assert prov["params"]["channel"] == "t2" and prov["params"]["median_filter"] == 3
+    assert prov["params"]["size"] == "native"
+    # no model to store a calibration with: the summary says how to get thresholded Dice instead
+    assert "medcfx evaluate threshold --val" in json.loads(p.stdout)["calibration"]

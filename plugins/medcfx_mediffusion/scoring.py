@@ -234,9 +234,14 @@ def box_lesion(boxes: dict, row: int, names, shape, geom=None) -> np.ndarray | N
 
 
 def check_target_labels(request, ss, targets) -> None:
-    """UsageError (before any work) when --data has no label column for a target's finding."""
+    """UsageError (before any work) for an addition target (its difference map has no box to be scored
+    against: the boxes mark where a finding IS) or when --data has no label column for a target's finding."""
     from medcfx.errors import UsageError
 
+    adds = [tg.name for tg in targets if tg.add]
+    if adds:
+        raise UsageError(f"--target {','.join(adds)}: only removal targets (no-<finding>) have a lesion to score "
+                         f"the difference map against (the finding's box); an addition has none")
     missing = [tg.finding for tg in targets if tg.finding not in ss.label_names]
     if missing:
         raise UsageError(f"--data {request.data}: no label column for {', '.join(missing)} (has: "
@@ -365,14 +370,21 @@ def _localise(request, model, codec, entry, ss, plan: dict, n: int) -> dict:
     c = entry.config
     schedule = Schedule.create(c["diffusion"]["schedule"], int(c["diffusion"]["T"]))
     cm, stats = CaseMetrics(plan["calibration"].thresholds()), {}
+    request.log(f"localisation of {', '.join(plan['targets'])} on at most {n} test image(s) with the calibration's "
+                f"settings (t {plan['t']}, scales {plan['scales']}, steps {plan['steps']}, {plan['sampler']}, seed "
+                f"{plan['seed']}), not explain's")
     for image, diff, lesion, positive in target_maps(request, model, codec, schedule, c["classifier"]["kind"], ss,
                                                      plan["parsed"], plan["t"], plan["scales"], plan["steps"],
                                                      plan["sampler"], int(plan["seed"]), n, stats):
         cm.update(image, diff, lesion)
         cm.add_images(image, [float(diff.max())], [positive])
-    if stats["images"] == 0:
-        raise MedcfxError(f"--data {request.data}: no test image to localise on ({stats['no_box']} positive "
-                          f"without a box, {stats['unlabelled']} unlabelled)")
+    if stats["positive"] == 0:
+        raise MedcfxError(f"--data {request.data}: none of the {stats['images']} test image(s) localised holds "
+                          f"{', '.join(plan['targets'])}'s finding with a box ({stats['no_box']} positive without a "
+                          f"box, {stats['unlabelled']} unlabelled): pixel AP and Dice are undefined; give more "
+                          f"--localise-images or annotated data")
+    if stats["images"] < n:
+        request.log(f"localisation: {stats['images']} usable test image(s), fewer than --localise-images {n}")
     sub = copy.copy(request)
     sub.out = request.out / "localisation"
     context = {"targets": plan["targets"], **{k: plan[k] for k in ("t", "scales", "steps", "sampler", "seed")},

@@ -54,8 +54,9 @@ class FlipRecorder:
         ``p_target_before`` / ``p_target_after`` (P(healthy) per slice, lists), their means, ``counted`` (slices with
         p_before < 0.5), ``flipped``, ``flip_rate`` (None when none counted), and, given the case's native
         heatmap, lesion mask and foreground (same shape), ``off_target_image_change`` / ``lesion_image_change``
-        (means of the heatmap outside / inside the lesion within the foreground; None without a mask or when
-        either part is empty). RuntimeError when the recorded slices are not the case's."""
+        (means of the heatmap outside / inside the lesion within the foreground; None without a mask or where
+        that part is empty: a case whose mask is empty has only an off-target change, over its whole
+        foreground). RuntimeError when the recorded slices are not the case's."""
         before = np.concatenate(self._before) if self._before else np.zeros(0)
         after = np.concatenate(self._after) if self._after else np.zeros(0)
         self.reset()
@@ -70,14 +71,14 @@ class FlipRecorder:
                "counted": len(counted), "flipped": int(sum(counted)),
                "flip_rate": float(np.mean(counted)) if counted else None,
                "off_target_image_change": None, "lesion_image_change": None}
-        if heat is not None and lesion is not None:
+        if heat is not None and lesion is not None:  # a known lesion mask, possibly empty (a healthy case)
             inside = np.asarray(lesion, bool)
             fg = np.ones(inside.shape, bool) if region is None else np.asarray(region, bool)
-            outside = fg & ~inside
-            inside = fg & inside
-            if outside.any() and inside.any():
-                h = np.asarray(heat, np.float64)
+            outside, inside = fg & ~inside, fg & inside
+            h = np.asarray(heat, np.float64)
+            if outside.any():  # in a case without lesion every change is off-target
                 out["off_target_image_change"] = float(h[outside].mean())
+            if inside.any():
                 out["lesion_image_change"] = float(h[inside].mean())
         return out
 

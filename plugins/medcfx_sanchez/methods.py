@@ -235,6 +235,9 @@ def _shown(request_options: dict, method: str, channels: list[str]) -> int:
 
 def _resolve_entry(request, method: str):
     if method == "threshold":
+        if request.model is not None:
+            raise UsageError(f"--model {request.model}: threshold has no model (it thresholds the input's "
+                             f"intensity); leave --model out")
         return None
     if request.model is None:
         raise UsageError(f"{method} needs --model REF (see `medcfx models list`)")
@@ -355,7 +358,8 @@ class Sampler:
             figures.CasePanels(case, tiles, heat, scale, channel=case.channels[show],
                                model=entry.ref if entry is not None else "none (threshold)", map_title="heatmap",
                                decision=decision).write(folder)
-            params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else {}),
+            params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else
+                                                 mapper.describe(case.channels[show], _preprocess(request, None).size)),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
                       "panel_colour_scale": [scale.vmin, scale.vmax]}
@@ -373,8 +377,8 @@ class Sampler:
             out.update({"decision": d["decision"], "n_components": d["n_components"],
                         f"lesion_{decision.unit.replace('^', '')}": decision.lesion_size})
         if flip is not None:
-            out.update({"flip_rate": flip["flip_rate"], "p_healthy_before": flip["p_target_before_mean"],
-                        "p_healthy_after": flip["p_target_after_mean"]})
+            out.update({"flip_rate": flip["flip_rate"], "p_target_before": flip["p_target_before_mean"],
+                        "p_target_after": flip["p_target_after_mean"]})
         if check is not None:
             out["self_check_error"] = max(check["mean_abs_error"])
             if check["flagged"]:
@@ -426,7 +430,7 @@ def _scoring(request, method: str, entry, options: dict):
     context = {"backend": req.extra.get("backend", "torch"), "bf16": bool(req.extra.get("bf16")),
                "slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
                **(dict(mapper.params.__dict__) if mapper.params else {
-                   "channel": cfg.modalities[show], "median_filter": mapper.k, "size": "native" if not cfg.size else cfg.size,
+                   **mapper.describe(cfg.modalities[show], cfg.size),
                    "normalisation": f"x / foreground percentile {cfg.percentile:g}" + (", clipped" if cfg.clip else "")})}
     return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context, mapper
 

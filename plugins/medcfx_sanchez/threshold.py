@@ -28,8 +28,8 @@ PREPROCESS = {"size": 0, "percentile": 50.0, "clip": False}  # native size, medi
 OPTIONS = [
     Option("channel", str, None, "channel thresholded: a modality name, or auto (evaluate with --val: the channel "
                                  "of best validation pixel AP); default flair, else the last"),
-    Option("median_filter", int, MEDIAN_FILTER, "in-plane median filter of the map, k x k pixels of the input "
-                                                "(1: none)", bounds="[1, inf)"),
+    Option("median_filter", int, MEDIAN_FILTER, "in-plane median filter of the map, k x k slice pixels (the "
+                                                "input's at the native size), odd k (1: none)", bounds="[1, 31]"),
 ]
 
 
@@ -42,9 +42,14 @@ class ThresholdMapper:
     entry = None
 
     def __init__(self, median_filter: int = MEDIAN_FILTER):
-        if median_filter < 1:
-            raise UsageError(f"--median-filter must be >= 1, got {median_filter}")
+        if not 1 <= median_filter <= 31 or median_filter % 2 == 0:
+            raise UsageError(f"--median-filter must be an odd number of pixels in [1, 31] (a centred window), got "
+                             f"{median_filter}")
         self.k = int(median_filter)
+
+    def describe(self, channel: str, size: int) -> dict:
+        """The settings a threshold map was made with (provenance, reports)."""
+        return {"channel": channel, "median_filter": self.k, "size": "native" if size == 0 else size}
 
     def self_check(self, case, n_slices: int, batch_size: int) -> None:
         return None  # nothing is sampled
@@ -64,7 +69,7 @@ def channel_index(channels: list[str], wanted: str | None) -> int:
     if wanted == "auto":
         raise UsageError("--channel auto is chosen on validation data: use `medcfx evaluate threshold --val VAL "
                          "--channel auto` and give the channel it reports to explain")
-    if wanted:
+    if wanted is not None:
         if wanted not in channels:
             raise UsageError(f"--channel {wanted}: the input's channels are {', '.join(channels)}")
         return channels.index(wanted)
