@@ -31,7 +31,7 @@ from pathlib import Path
 from common import case_count, grid_text
 
 ROWS = [  # (label, evaluate arguments)
-    ("threshold (FLAIR intensity)", ["threshold"]),
+    ("threshold (FLAIR / median, native grid, 5 x 5 median filter)", ["threshold"]),
     ("sanchez-demo (cfg w=3, L=0.75, 100 DDIM steps)", ["sanchez", "--model", "sanchez-demo", "--sampler", "paper"]),
     ("restoration-demo (1 - SSIM, 50 steps)", ["restoration", "--model", "restoration-demo"]),
 ]
