@@ -90,10 +90,14 @@ def main() -> None:
     have = models()
     if args.attn_model:
         have[f"bench-sanchez-attn-s{s}"] = args.attn_model
-    for name in specs:  # reused models: the training time their registry entry recorded
-        if name not in train_seconds and name in have:
-            prov = json.loads(sh(MEDCFX + ["models", "show", have[name], "--json"])).get("provenance", {})
-            train_seconds[name] = prov.get("train_seconds")
+    slices = {}  # training slices each model's entry records (the attention rows may use an older model)
+    for name in [*specs, f"bench-sanchez-attn-s{s}"]:
+        if name in have:
+            entry = json.loads(sh(MEDCFX + ["models", "show", have[name], "--json"]))
+            slices[have[name]] = entry.get("metrics", {}).get("train_slices")
+            if name not in train_seconds and name in specs:  # reused: the time its registry entry recorded
+                train_seconds[name] = entry.get("provenance", {}).get("train_seconds")
+    train_seconds = {"seconds": train_seconds, "train_slices": slices}
     common = ["--data", args.test, "--val", args.val, "--max-slices", args.max_slices, "--device", "cpu"]
     rows = [  # (table, row label, method, model name or None, extra evaluate args, trained on)
         (1, "Thresholding (native grid, / median, 5 x 5 median filter, channel of best val. AP)", "threshold", None,
@@ -178,7 +182,10 @@ Table 2 (shape of the paper's Table 2; "CDPM (no guidance)" is the null branch o
 
 {t2}
 {flips}
-Training wall time (s, recorded at registration; this machine, other jobs running): {json.dumps(train_seconds) if train_seconds else "models reused"}
+Training wall time (s, recorded at registration; this machine, other jobs running): {json.dumps(train_seconds["seconds"])}.
+Training slices each model's registry entry records: {json.dumps(train_seconds["train_slices"])} (the same
+generated cases and seed; a model trained before the foreground rule of the real-world-inputs work selected a
+few slices fewer).
 
 Reproduce:
 
