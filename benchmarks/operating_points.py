@@ -60,12 +60,19 @@ def cell(report: dict, key: str) -> str:
     return f"{v:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
 
 
+def demo_sets(work: Path, kind: str, sizes, env) -> tuple[Path, Path]:
+    """W/KIND-val and W/KIND-test made by ``medcfx data demo KIND`` when missing (``sizes``: (cases, seed) of
+    each)."""
+    out = (work / f"{kind}-val", work / f"{kind}-test")
+    for folder, (cases, seed) in zip(out, sizes):
+        if not folder.exists():
+            medcfx(["data", "demo", kind, "--out", folder, "--cases", cases, "--seed", seed], env)
+    return out
+
+
 def chest_rows(args, env) -> list[str]:
     """mediffusion-demo's difference maps, per target: calibrated on W/chest-val, scored on W/chest-test."""
-    val, test = args.work / "chest-val", args.work / "chest-test"
-    for folder, cases, seed in ((val, 200, 2), (test, 400, 1)):
-        if not folder.exists():
-            medcfx(["data", "demo", "chest", "--out", folder, "--cases", cases, "--seed", seed], env)
+    val, test = demo_sets(args.work, "chest", ((200, 2), (400, 1)), env)
     lines = []
     for label, target in CHEST_ROWS:
         if args.only and args.only not in label:
@@ -109,10 +116,7 @@ def main() -> None:
     ap.add_argument("--write-docs", type=Path)
     args = ap.parse_args()
     env = {**os.environ, "MEDCFX_HOME": str(args.work / "home"), "MEDCFX_CACHE": str(args.work / "cache")}
-    val, test = args.work / "brain-val", args.work / "brain-test"
-    for folder, cases, seed in ((val, 4, 11), (test, 8, 12)):
-        if not folder.exists():
-            medcfx(["data", "demo", "brain", "--out", folder, "--cases", cases, "--seed", seed], env)
+    val, test = demo_sets(args.work, "brain", ((4, 11), (8, 12)), env)
     lines = []
     for label, cmd in ROWS:
         if args.only and args.only not in label:

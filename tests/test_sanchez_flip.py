@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import cli_env, run_cli
+from test_sanchez import TINY as SANCHEZ_TINY
 from medcfx.demo import make_demo
 from medcfx_sanchez.flip import FlipRecorder
 from medcfx_sanchez.networks import NoisyClassifier
@@ -83,19 +84,7 @@ def test_recorder_refuses_a_record_of_other_slices_and_a_healthy_case_is_all_off
     assert r["off_target_image_change"] == pytest.approx(heat.mean()) and r["lesion_image_change"] is None
 
 
-TINY = {
-    "network": {"image_size": 16, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                "attention_resolutions": [8], "dropout": 0.0, "num_head_channels": 8, "label_tokens": 2,
-                "label_token_dim": 8, "num_groups": 4},
-    "classifier": {"image_size": 16, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                   "attention_resolutions": [8], "dropout": 0.0, "num_head_channels": 8, "num_groups": 4},
-    "diffusion": {"T": 100},
-    "preprocess": {"size": 16},
-    "train": {"steps": 3, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "ema_decay": 0.5},
-    "val_cases": 0.34,
-    "val_slices": 0,
-    "explain": {"steps": 4, "batch_size": 8},
-}
+TINY = {**SANCHEZ_TINY, "val_slices": 0}  # the sanchez tests' tiny networks, no validation explain
 
 
 @pytest.fixture(scope="module")
