@@ -628,5 +628,5 @@ def register_fit(request, result: FitResult, default_name: str, config: dict, me
         request.name or default_name, request.method.name, arts, config=config, provenance=provenance,
         metrics=metrics or {}, tags=list(tags),
     )
-    request.log(f"registered [bold]{entry.ref}[/bold] (sha256 {entry.digest[:12]}) from {run}")
+    request.log(f"registered {entry.ref} (sha256 {entry.digest[:12]}) from {run}")
     return entry

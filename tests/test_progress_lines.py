@@ -49,3 +49,23 @@ def test_validation_split_holds_out_lesion_and_healthy_cases():
         assert train | val == set(ids) and not train & val
     # without strata the old behaviour stays (same draw)
     assert split_cases(ids, 0.2, 3) == split_cases(ids, 0.2, 3, lesion_cases=None)
+
+
+def test_plain_log_lines_carry_no_rich_markup():
+    """Request.log prints plain text (markup=False, so file names with brackets stay intact); a rich tag in
+    its message would reach the user literally ("registered [bold]m:1[/bold]" did). Checked over every
+    request.log call in medcfx/ and plugins/."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tag = re.compile(r"\[/?(bold|italic|red|green|yellow|dim|cyan)[^\]]*\]")
+    found = []
+    for path in [*root.glob("medcfx/**/*.py"), *root.glob("plugins/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "log":
+                for s in ast.walk(node):
+                    if isinstance(s, ast.Constant) and isinstance(s.value, str) and tag.search(s.value):
+                        found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found

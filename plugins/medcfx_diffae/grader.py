@@ -413,5 +413,5 @@ class GraderTrainer:
                 request.name or f"{ae.entry.name}-grader", GRADER_METHOD, paths,
                 config={"grader": settings, "autoencoder": ae.entry.ref}, provenance=provenance,
                 metrics=metrics, parent=ae.entry.ref)
-        request.log(f"registered [bold]{entry.ref}[/bold] (parent {ae.entry.ref})")
+        request.log(f"registered {entry.ref} (parent {ae.entry.ref})")
         return {"model": entry.ref, "parent": ae.entry.ref, **metrics}
