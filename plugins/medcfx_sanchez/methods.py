@@ -221,7 +221,8 @@ class Mapper:
 def make_mapper(method: str, request, entry=None):
     """The Mapper of a method, or the thresholding baseline's (no model; ``threshold.ThresholdMapper``)."""
     if method == "threshold":
-        return thr.ThresholdMapper(int(_option(request, "median_filter", thr.MEDIAN_FILTER)))
+        return thr.ThresholdMapper(int(_option(request, "median_filter", thr.MEDIAN_FILTER)),
+                                   _preprocess(request, None).size)
     return Mapper(method, request, entry)
 
 
@@ -359,7 +360,7 @@ class Sampler:
                                model=entry.ref if entry is not None else "none (threshold)", map_title="heatmap",
                                decision=decision).write(folder)
             params = {"method": self.method, **(mapper.params.__dict__ if mapper.params else
-                                                 mapper.describe(case.channels[show], _preprocess(request, None).size)),
+                                                 mapper.describe(case.channels[show])),
                       "backend": request.extra.get("backend", "torch"), "bf16": bool(request.extra.get("bf16")),
                       "display_channel": case.channels[show], "model_size": int(case.images.shape[-1]),
                       "panel_colour_scale": [scale.vmin, scale.vmax]}
@@ -430,7 +431,7 @@ def _scoring(request, method: str, entry, options: dict):
     context = {"backend": req.extra.get("backend", "torch"), "bf16": bool(req.extra.get("bf16")),
                "slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
                **(dict(mapper.params.__dict__) if mapper.params else {
-                   **mapper.describe(cfg.modalities[show], cfg.size),
+                   **mapper.describe(cfg.modalities[show]),
                    "normalisation": f"x / foreground percentile {cfg.percentile:g}" + (", clipped" if cfg.clip else "")})}
     return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context, mapper
 

@@ -41,15 +41,16 @@ class ThresholdMapper:
     flips = None
     entry = None
 
-    def __init__(self, median_filter: int = MEDIAN_FILTER):
+    def __init__(self, median_filter: int = MEDIAN_FILTER, size: int = 0):
         if not 1 <= median_filter <= 31 or median_filter % 2 == 0:
             raise UsageError(f"--median-filter must be an odd number of pixels in [1, 31] (a centred window), got "
                              f"{median_filter}")
         self.k = int(median_filter)
+        self.size = int(size)  # preprocess.size of the slices it maps (0: native)
 
-    def describe(self, channel: str, size: int) -> dict:
+    def describe(self, channel: str) -> dict:
         """The settings a threshold map was made with (provenance, reports)."""
-        return {"channel": channel, "median_filter": self.k, "size": "native" if size == 0 else size}
+        return {"channel": channel, "median_filter": self.k, "size": "native" if self.size == 0 else self.size}
 
     def self_check(self, case, n_slices: int, batch_size: int) -> None:
         return None  # nothing is sampled
