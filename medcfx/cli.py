@@ -140,7 +140,8 @@ def _run(m: Method, command: str, request: Request, report: bool = False) -> Non
     try:
         result = m.handler(command)(request)
     except CaseErrors as exc:  # some cases failed: what was written is summarised, then one line per failure
-        _print_summary(exc.summary)
+        if not isinstance(exc.summary, dict) or exc.summary.get("cases") or exc.summary.get("skipped"):
+            _print_summary(exc.summary)  # (nothing written: no summary, only the errors)
         if report and request.out is not None and Path(request.out).is_dir():
             from medcfx.report import write_report_html
 

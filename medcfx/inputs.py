@@ -24,6 +24,7 @@ from medcfx.data.io import (
     Volume,
     is_image_file,
     is_volume_file,
+    load_nifti_header,
     strip_suffix,
     write_nifti,
 )
@@ -119,6 +120,8 @@ def _single_volume_case(path: Path, cfg: PreprocessConfig, channels: int) -> Inp
     """A one-channel volume: a NIfTI file or a DICOM series folder."""
     stem = strip_suffix(path) if path.is_file() else path.name
     if channels != 1:
+        if path.is_file():  # a corrupt file is reported as such, not as a channel count it may not have
+            load_nifti_header(path)
         raise MedcfxError(f"{path}: a single volume holds one channel but the model expects {channels}; give a "
                           f"case folder with one file per modality (or a 4D Decathlon dataset)")
     case = Case(id=stem, channels=[path])

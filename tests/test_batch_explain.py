@@ -77,6 +77,7 @@ def test_a_failing_case_is_a_row_and_the_others_are_written(brains):
     p = run_cli(["explain", data, "--method", "threshold", "--out", out], env=env)
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("medcfx: error")]
     assert p.returncode == 1 and len(errors) == 1 and "demo_00001" in errors[0]
+    assert [c["case"] for c in json.loads(p.stdout)["cases"]] == ["demo_00000", "demo_00002"]  # what was written
     assert [ln for ln in p.stderr.splitlines() if ln.startswith("progress: ")][-1].startswith("progress: 2/3 cases")
     rows = {r["case"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert rows["demo_00000"]["status"] == rows["demo_00002"]["status"] == "ok"

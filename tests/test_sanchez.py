@@ -327,9 +327,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, brain, tmp_pa
     vol[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(vol, flair.affine), str(nan / "demo_00000_flair.nii.gz"))
     single = brain / "demo_00000" / "demo_00000_t1.nii.gz"
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a nifti" * 10)
     cases = [
         ([rgb], "has 3 channel(s) but the model expects 4", 1),
         ([single], "model expects 4", 1),
+        ([corrupt], "cannot read", 1),  # said as unreadable, not as a one-channel volume
         ([nan], "NaN", 1),
         ([tmp_path / "missing.png"], "no such file", 2),
     ]
@@ -338,6 +341,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, brain, tmp_pa
         proc = run_cli(["explain", *inputs, "--model", out["model"], "--out", o], env=env)
         assert proc.returncode == code, proc.stderr
         assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+        assert proc.stdout == "", proc.stdout  # nothing written: no summary of no cases
         assert not o.exists() or not any(p for p in o.iterdir() if not p.name.startswith(".")), list(o.iterdir())
     proc = run_cli(["explain", single, "--model", "nosuch", "--out", tmp_path / "x"], env=env)
     assert proc.returncode == 1 and "unknown model 'nosuch'" in proc.stderr
