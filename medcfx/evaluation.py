@@ -261,6 +261,7 @@ def report(request, method: str, model: str, cm, context: dict, n_resamples: int
     md += "\n## Per case\n\n" + markdown_table(per_case, case_cols)
     md += "\n## Settings\n\n" + "".join(f"- {k}: {v}\n" for k, v in ctx.items())
     staging.atomic_write_bytes(out / "metrics.md", md.encode())
+    request.log(f"wrote {out / 'metrics.json'} and metrics.md (per-case rows, settings)")
     if request.console is not None:
         from rich.table import Table
 

@@ -78,6 +78,7 @@ def test_channel_auto_takes_the_channel_of_best_validation_ap(tmp_path, home, fl
                  "--out", tmp_path / "ev", *mods], env=env, check=0)
     rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert rep["channel"] == want and f"--channel auto: {want}" in " ".join((p.stdout + p.stderr).split())
+    assert str(tmp_path / "ev" / "metrics.json") in "".join((p.stdout + p.stderr).split())  # says where it wrote
     # the validation AP of each channel, recomputed with scikit-learn from the files (/ median, no filter)
     for ch, got in rep["channel_choice"]["validation_AP"].items():
         s, y = [], []
