@@ -241,15 +241,48 @@ def tiny_unet(conditional: bool, seed: int) -> dict:
     return {"config": cfg, "state": {k: v.contiguous() for k, v in net.state_dict().items()}}
 
 
-def register_tiny(reg: Registry, tmp_path, name: str, seed: int, fold: int = 0, size: int = 16):
+def register_tiny(reg: Registry, tmp_path, name: str, seed: int, fold: int = 0, size: int = 16, intensity=None):
     from safetensors.torch import save_file
 
     m = tiny_unet(True, seed)
     path = tmp_path / f"{name}.safetensors"
     save_file(m["state"], str(path))
     config = {"network": m["config"], "diffusion": {"schedule": "linear", "T": 100}, "fold": fold,
-              "preprocess": {"size": size, "modalities": ["t2"]}, "explain": {}}
+              "preprocess": {"size": size, "modalities": ["t2"], **({"intensity": intensity} if intensity else {})},
+              "explain": {}}
     return reg.register(name, METHOD, {"weights": path}, config=config)
+
+
+def test_members_differing_only_in_the_2d_rule_explain_volumes_and_refuse_2d_images(tmp_path):
+    """A model of an older medcfx records the 2D scaling rule 'legacy'; volumes ignore the rule, so it ensembles
+    with a new model for volumes, and a 2D image (which each would scale its own way) is refused by name."""
+    import nibabel as nib
+    from PIL import Image
+
+    from medcfx.data.preprocess import PreprocessConfig
+    from medcfx.errors import MedcfxError
+    from medcfx.inputs import iter_cases
+
+    reg = Registry(tmp_path / "home", bundled=False)
+    register_tiny(reg, tmp_path, "old", 1, 0, intensity="legacy")
+    register_tiny(reg, tmp_path, "new", 2, 1, intensity="percentile")
+    members, pre = load_members(reg, ["old", "new"], METHOD, "cpu")
+    assert register_ensemble(reg, ["old", "new"], "ens").config["preprocess"] == pre
+    vol, png = tmp_path / "case.nii.gz", tmp_path / "image.png"
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.uniform(1, 100, (20, 20, 4)).astype(np.float32), np.eye(4)), str(vol))
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(png)
+    cfg = PreprocessConfig.from_dict(pre)
+    for mixed in (members, [members[0], members[0]]):
+        mapper = Mapper(mixed, Params(steps=2), seed=0, method=METHOD)
+        case = next(iter_cases(vol, cfg, 1))
+        assert mapper.check_case(case) is case
+        image = next(iter_cases(png, cfg, 1))
+        if mixed is members:
+            with pytest.raises(MedcfxError, match=r"image\.png: .*different rules \(legacy, percentile\)"):
+                mapper.check_case(image)
+        else:
+            assert mapper.check_case(image) is image
 
 
 def test_ensemble_maps_are_the_mean_of_the_members_maps(tmp_path):

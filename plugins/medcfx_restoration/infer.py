@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from medcfx.diffusion import Schedule, decode, sample, static_clip
-from medcfx.errors import UsageError
+from medcfx.errors import MedcfxError, UsageError
 from medcfx.loading import load_state
 from medcfx.nn import UNet
 from medcfx.train import generator
@@ -47,6 +47,7 @@ class Member:
     schedule: Schedule
     fold: int | None
     denoiser: object  # the denoiser contract for the chosen backend (torch, bf16 autocast or onnxruntime)
+    intensity: str | None = None  # the 2D scaling rule it was trained with (volumes ignore it)
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,17 @@ def _member_specs(registry, ref: str, method: str) -> list[tuple[object, str, di
     return [(entry, "weights", entry.config)]
 
 
+def shared_preprocessing(pre: dict) -> str:
+    """What the models of an ensemble must share: their preprocessing without the 2D scaling rule
+    ``intensity`` (volumes ignore it; :meth:`Mapper.check_case` refuses 2D images when it differs)."""
+    return str({**pre, "intensity": None})
+
+
 def load_members(registry, refs: list[str], method: str, device: str, request=None) -> tuple[list[Member], dict]:
     """Load every model (weights sha256-verified by the registry); returns (members, preprocess config).
-    All members must share one preprocessing (they see the same slices). ``request`` chooses the backend
+    All members must share one preprocessing (they see the same slices), except the 2D scaling rule
+    ``intensity``, which volumes do not use (a model of an older medcfx records ``legacy``): such an ensemble
+    explains volumes and refuses 2D images (:meth:`Mapper.check_case`). ``request`` chooses the backend
     (``--backend``, ``--bf16``; default torch fp32); an ONNX backend needs a single exported model."""
     from medcfx.diffusion import TorchDenoiser
     from medcfx.export import denoiser_for
@@ -101,7 +110,7 @@ def load_members(registry, refs: list[str], method: str, device: str, request=No
             p = spec.get("preprocess") or entry.config.get("preprocess")
             if pre is None:
                 pre = p
-            elif p != pre:
+            elif shared_preprocessing(p) != shared_preprocessing(pre):
                 raise UsageError(f"model {entry.ref} ({role}) was trained with other preprocessing than "
                                  f"{members[0].ref}; an ensemble needs one")
             model = UNet.from_config(spec["network"])
@@ -116,7 +125,7 @@ def load_members(registry, refs: list[str], method: str, device: str, request=No
             else:
                 den = denoiser_for(request, entry, model)
             members.append(Member(entry, role, spec.get("ref", entry.ref), model,
-                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold"), den))
+                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold"), den, p.get("intensity")))
     conditional = {m.model.config.cond_image_channels > 0 for m in members}
     if conditional != {method == METHOD}:
         raise UsageError(f"the models given are not {method} models (image conditioning mismatch)")
@@ -161,6 +170,15 @@ class Mapper:
             first = r if first is None else first
         return first, total / len(self.members)
 
+    def check_case(self, case):
+        """``case``, or a MedcfxError naming it when it is a 2D image and the members scale 2D images by
+        different rules (each would see the image scaled another way than in its training)."""
+        rules = sorted({str(m.intensity) for m in self.members})
+        if len(rules) > 1 and not case.is_volume:
+            raise MedcfxError(f"{case.source}: the models of this ensemble scale 2D images by different rules "
+                              f"({', '.join(rules)}); give volumes, or models trained with one rule")
+        return case
+
     def describe(self) -> dict:
         return {"members": [{"model": m.ref, "role": m.role, "fold": m.fold, "sha256": m.entry.artifacts[m.role]["sha256"]}
                             for m in self.members]}
@@ -181,7 +199,7 @@ def register_ensemble(registry, refs: list[str], name: str, method: str = METHOD
         artifacts[new_role] = registry.artifact_path(entry, role)
         members.append({"role": new_role, "ref": spec.get("ref", entry.ref), "fold": spec.get("fold"),
                         "network": spec["network"], "diffusion": spec["diffusion"], "preprocess": spec["preprocess"]})
-    pres = {str(m["preprocess"]) for m in members}
+    pres = {shared_preprocessing(m["preprocess"]) for m in members}
     if len(pres) > 1:
         raise UsageError("the models of an ensemble must share one preprocessing")
     first = specs[0][0]

@@ -138,7 +138,8 @@ class Sampler:
         entry = _single_entry(request)
         point, said = operating_point(request, entry, mapper.params.__dict__, self.method)
         return run_explain(request, pre, mapper.channels, entry or mapper.members[0].entry,
-                           lambda case: self._explain_case(request, mapper, case.select(request.options.get("slice")),
+                           lambda case: self._explain_case(request, mapper,
+                                                           mapper.check_case(case).select(request.options.get("slice")),
                                                            bs, point),
                            {"method": self.method, "models": [m.ref for m in mapper.members], "out": str(request.out),
                             **said})
@@ -221,7 +222,8 @@ def _scoring(request, method: str, options: dict):
     mapper, pre = _mapper(req, method)
     context = {"slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
                **mapper.params.__dict__, **mapper.describe()}
-    return ((lambda x, start: mapper(x, start=start)[1]), cases_reader(pre, mapper.channels, options),
+    reader = cases_reader(pre, mapper.channels, options)
+    return ((lambda x, start: mapper(x, start=start)[1]), lambda path: map(mapper.check_case, reader(path)),
             _batch_size(req), context)
 
 
