@@ -11,10 +11,15 @@ Steps (every one a real `medcfx` command, printed before it runs):
    with every row graded (`make_demo(..., graded_fraction=1.0)`, the CLI has no flag for it).
 2. autoencoder: the bundled `diffae-demo` (default) or, with --train, `medcfx train diffae --data
    WORK/vert-train --preset demo` (unsupervised, labels unused).
-3. graders: `medcfx train diffae-grader --model AE --data WORK/vert-train` (linear calibration) and the
-   same with `--set grader.degree=3`.
-4. `medcfx evaluate diffae --model GRADER --data WORK/vert-test` (the degree-1 grader with the CNN baseline
-   and the reconstruction error; the degree-3 grader without them).
+3. graders, for every seed S of --seeds (default 0,1,2): a training set of its own (600 images of data
+   seed 0 for S = 0, else 100 + S; never the test set's seed 1), `medcfx train diffae-grader --model AE
+   --data TRAIN_S --seed S` (linear calibration, C by cross-validation), the same with
+   `--set grader.degree=3` and with C fixed at 1. With one training set the linear graders barely depend
+   on their seed (the cross-validation chooses the same C); the spread over seeds is mostly that of the
+   labelled sample, as when a user labels another few hundred images.
+4. `medcfx evaluate diffae --model GRADER --data WORK/vert-test --seed S` (the degree-1 grader with the CNN
+   baseline of that seed, the first seed also with the reconstruction error; the others without them).
+   The table gives mean +- sd over the seeds.
 
 The markdown table goes to WORK/table.md, and with --write-docs into docs/benchmarks.md between the
 markers <!-- diffae:start --> / <!-- diffae:end -->. Numbers are as measured on this run.
@@ -46,8 +51,29 @@ def run(args, env, log) -> float:
     return time.perf_counter() - t0
 
 
-def fmt(v) -> str:
-    return "-" if v is None or v != v else f"{v:.2f}"
+def mean_sd(values) -> str:
+    """"mean +- sd" (sample sd, ddof 1) of the finite values; one value alone without the spread."""
+    v = [x for x in values if x is not None and x == x]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    return f"{m:.2f} +- {sd:.2f}"
+
+
+def train_set(work: Path, seed: int, env, log) -> Path:
+    """The training set of a seed: 600 demo vertebrae of data seed 0 for seed 0, else 100 + seed (the test set
+    is data seed 1, which no training set may share)."""
+    data_seed = 0 if seed == 0 else 100 + seed
+    path = work / ("vert-train" if seed == 0 else f"vert-train-s{seed}")
+    args = ["data", "demo", "vertebra", "--out", path, "--cases", 600, "--seed", data_seed]
+    if path.exists():  # made by an earlier run: the command is still part of the recipe
+        log.append("medcfx " + " ".join(shlex.quote(str(a)) for a in args))
+    else:
+        run(args, env, log)
+    return path
 
 
 def main() -> None:
@@ -57,6 +83,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train the autoencoder with --preset demo first")
     ap.add_argument("--baseline-steps", type=int, default=600)
     ap.add_argument("--recon-images", type=int, default=16)
+    ap.add_argument("--seeds", default="0,1,2", help="grader seeds; the table gives mean +- sd over them")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
@@ -68,53 +95,55 @@ def main() -> None:
     env.setdefault("OMP_NUM_THREADS", "1")
     log: list[str] = []
     seconds = {}
-    train, test = work / "vert-train", work / "vert-test"
-    if not train.exists():
-        run(["data", "demo", "vertebra", "--out", train, "--cases", 600, "--seed", 0], env, log)
+    train, test = train_set(work, 0, env, log), work / "vert-test"
+    log.append("python -c \"from medcfx.demo import make_demo; "
+               "make_demo('vertebra', 'vert-test', cases=300, seed=1, graded_fraction=1.0)\"")
     if not test.exists():
         from medcfx.demo import make_demo
 
-        print("$ python -c \"make_demo('vertebra', 'vert-test', cases=300, seed=1, graded_fraction=1.0)\"")
-        log.append("python -c \"from medcfx.demo import make_demo; "
-                   "make_demo('vertebra', 'vert-test', cases=300, seed=1, graded_fraction=1.0)\"")
+        print("$ " + log[-1])
         make_demo("vertebra", test, cases=300, seed=1, graded_fraction=1.0)
     ae = args.model
     if args.train:
         seconds["train autoencoder"] = run(["train", "diffae", "--data", train, "--preset", "demo", "--name",
                                             "diffae-bench", "--runs-dir", work / "runs"], env, log)
         ae = "diffae-bench"
-    seconds["train grader"] = run(["train", "diffae-grader", "--model", ae, "--data", train, "--name",
-                                   "bench-grader"], env, log)
-    run(["train", "diffae-grader", "--model", ae, "--data", train, "--name", "bench-grader-deg3",
-         "--set", "grader.degree=3"], env, log)
-    seconds["evaluate"] = run(["evaluate", "diffae", "--model", "bench-grader", "--data", test, "--out",
-                               work / "eval", "--baseline-steps", args.baseline_steps, "--recon-images",
-                               args.recon_images], env, log)
-    run(["evaluate", "diffae", "--model", "bench-grader-deg3", "--data", test, "--out", work / "eval-deg3",
-         "--baseline=false", "--recon-images", 0], env, log)
-    # the same grader with scikit-learn's default C = 1 instead of the cross-validated choice
-    run(["train", "diffae-grader", "--model", ae, "--data", train, "--name", "bench-grader-c1",
-         "--set", "grader.svm_C=1", "--set", "grader.logreg_C=1"], env, log)
-    run(["evaluate", "diffae", "--model", "bench-grader-c1", "--data", test, "--out", work / "eval-c1",
-         "--baseline=false", "--recon-images", 0], env, log)
-    m1 = json.loads((work / "eval" / "metrics.json").read_text())
-    m3 = json.loads((work / "eval-deg3" / "metrics.json").read_text())
-    mc = json.loads((work / "eval-c1" / "metrics.json").read_text())
+    seeds = [int(k) for k in args.seeds.split(",")]
+    evals: dict[str, list[dict]] = {"cv": [], "deg3": [], "fixed": []}
+    for s in seeds:  # the seed draws the training set and seeds the grader and the CNN baseline
+        t0 = time.perf_counter()
+        train = train_set(work, s, env, log)
+        for tag, extra in (("", []), ("-deg3", ["--set", "grader.degree=3"]),
+                           ("-c1", ["--set", "grader.svm_C=1", "--set", "grader.logreg_C=1"])):
+            run(["train", "diffae-grader", "--model", ae, "--data", train, "--name", f"bench-grader{tag}-s{s}",
+                 "--seed", s, *extra], env, log)
+        seconds[f"train graders (seed {s})"] = time.perf_counter() - t0
+        first = s == seeds[0]
+        seconds[f"evaluate (seed {s})"] = run(
+            ["evaluate", "diffae", "--model", f"bench-grader-s{s}", "--data", test, "--out", work / f"eval-s{s}",
+             "--seed", s, "--baseline-steps", args.baseline_steps, "--recon-images", args.recon_images if first else 0],
+            env, log)
+        for tag, key in (("-deg3", "deg3"), ("-c1", "fixed")):
+            run(["evaluate", "diffae", "--model", f"bench-grader{tag}-s{s}", "--data", test, "--out",
+                 work / f"eval{tag}-s{s}", "--seed", s, "--baseline=false", "--recon-images", 0], env, log)
+            evals[key].append(json.loads((work / f"eval{tag}-s{s}" / "metrics.json").read_text()))
+        evals["cv"].append(json.loads((work / f"eval-s{s}" / "metrics.json").read_text()))
+    m1 = evals["cv"][0]
+    (work / "seeds.json").write_text(json.dumps(evals, indent=1, default=str))
 
+    metrics = ("detection_AUROC", "detection_F1", "grading_macro_F1", "grading_MAE")
     lines = ["| Model | Encoder | Classifier | C | Calibration | Detection (AUC) | Detection (F1) | Grading (macro-F1) "
              "| Grading (MAE) |", "|---|---|---|---|---|---|---|---|---|"]
-    for m, cal, how in ((m1, "linear (deg=1)", "cv"), (m3, "polynomial (deg=3)", "cv"), (mc, "linear (deg=1)", "fixed")):
-        for r in m["rows"]:
-            if r["classifier"] == "CNN":
-                continue
-            lines.append(f"| DAE | DAE | {r['classifier']} | {r.get('C', float('nan')):g} ({how}) | {cal} | "
-                         f"{fmt(r['detection_AUROC'])} | {fmt(r['detection_F1'])} | {fmt(r['grading_macro_F1'])} | "
-                         f"{fmt(r['grading_MAE'])} |")
-    for r in m1["rows"]:
-        if r["classifier"] == "CNN":
-            lines.append(f"| small CNN, baseline (end-to-end, {args.baseline_steps} steps) | - | - | - | - | "
-                         f"{fmt(r['detection_AUROC'])} | {fmt(r['detection_F1'])} | {fmt(r['grading_macro_F1'])} | "
-                         f"{fmt(r['grading_MAE'])} |")
+    for key, cal, how in (("cv", "linear (deg=1)", "cv"), ("deg3", "polynomial (deg=3)", "cv"),
+                          ("fixed", "linear (deg=1)", "fixed")):
+        for clf in ("SVM", "LR"):
+            rs = [r for m in evals[key] for r in m["rows"] if r["classifier"] == clf]
+            Cs = sorted({f"{r.get('C', float('nan')):g}" for r in rs})
+            lines.append(f"| DAE | DAE | {clf} | {'/'.join(Cs)} ({how}) | {cal} | "
+                         + " | ".join(mean_sd([r[k] for r in rs]) for k in metrics) + " |")
+    rs = [r for m in evals["cv"] for r in m["rows"] if r["classifier"] == "CNN"]
+    lines.append(f"| small CNN, baseline (end-to-end, {args.baseline_steps} steps) | - | - | - | - | "
+                 + " | ".join(mean_sd([r[k] for r in rs]) for k in metrics) + " |")
     rows = m1["rows"][0]
     table = "\n".join(lines)
     recon = (f"Reconstruction of {m1.get('reconstruction_n', 0)} test images (DDIM inversion "
@@ -130,8 +159,11 @@ def main() -> None:
               f"{cvn['ratio']:.2f}; see docs/methods/diffae.md).") if cvn else ""
     counts = (f"Test set: {rows['detection_n']} images with a detection target ({rows.get('detection_positive', '?')} "
               f"positive = G2-G3, negatives = G0; G1 excluded), {rows['grading_n']} graded images.")
-    body = (f"Autoencoder `{m1['autoencoder']}`, graders trained on `vert-train` (600 images, seed 0), evaluated "
-            f"on `vert-test` (300 images, seed 1). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+    body = (f"Autoencoder `{m1['autoencoder']}`, graders trained on a `vert-train` set, evaluated "
+            f"on `vert-test` (300 images, seed 1); mean +- sd over seeds {args.seeds}: seed S draws the training set "
+            f"(600 images of data seed 0 for S = 0, else 100 + S) and seeds the grader (cross-validation folds that "
+            f"choose C, LinearSVC's coordinate order) and the CNN baseline (initialisation, batches); the "
+            f"autoencoder is one. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
             f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}; wall time: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".\n\n"
             + table + "\n\n" + counts + "\n\n" + recon + "\n\nCommands:\n\n```\n" + "\n".join(log) + "\n```\n")
