@@ -306,6 +306,25 @@ def test_ensemble_maps_are_the_mean_of_the_members_maps(tmp_path):
     np.testing.assert_allclose(both2.numpy(), both.numpy(), atol=1e-6)
 
 
+def test_samples_average_that_many_restorations_of_each_model(tmp_path):
+    """--samples K: the mean of K maps per model, each from its own noise stream; one model with K samples maps as
+    the ensemble of K copies of it, and K = 1 is the single map."""
+    reg = Registry(tmp_path / "home", bundled=False)
+    register_tiny(reg, tmp_path, "one", 1)
+    members, _ = load_members(reg, ["one"], METHOD, "cpu")
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    each = [anomaly_map(x, restore(members[0], x, Params(steps=3), generator(5, j, 4), METHOD)) for j in range(3)]
+    _, three = Mapper(members, Params(steps=3, samples=3), seed=5, method=METHOD)(x, start=4)
+    np.testing.assert_allclose(three.numpy(), (sum(each) / 3).numpy(), atol=1e-6)
+    _, copies = Mapper(members * 3, Params(steps=3), seed=5, method=METHOD)(x, start=4)
+    np.testing.assert_allclose(copies.numpy(), three.numpy(), atol=1e-6)
+    _, single = Mapper(members, Params(steps=3), seed=5, method=METHOD)(x, start=4)
+    np.testing.assert_allclose(single.numpy(), each[0].numpy(), atol=1e-6)
+    assert not torch.allclose(each[0], each[1])  # its own noise: averaging is not a no-op
+    with pytest.raises(UsageError, match="--samples"):
+        Params(samples=0).check()
+
+
 def test_models_of_another_method_or_preprocessing_are_refused(tmp_path):
     from safetensors.torch import save_file
 

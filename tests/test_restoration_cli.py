@@ -91,6 +91,14 @@ def test_two_fold_models_average_like_a_registered_ensemble(setup):
     assert not np.allclose(maps["pair"], maps["single"])
     prov = json.loads((setup["root"] / "ens" / "demo_00000" / "provenance.json").read_text())
     assert [m["fold"] for m in prov["params"]["members"]] == [0, 1]
+    # --samples 2 of one model is the ensemble of two copies of it (each member / sample its own noise)
+    explain(setup, "twice", "--model", "rst-a", "--slice", k, "--samples", "2")
+    explain(setup, "aa", "--method", "restoration", "--model", "rst-a,rst-a", "--slice", k)
+    twice, aa = (np.asarray(nib.load(str(setup["root"] / n / "demo_00000" / "heatmap.nii.gz")).dataobj)
+                 for n in ("twice", "aa"))
+    np.testing.assert_allclose(twice, aa, atol=1e-6)
+    assert not np.allclose(twice, maps["single"])
+    assert explain(setup, "zero", "--model", "rst-a", "--samples", "0", check=None).returncode == 2
     # without --method the core resolves "a,b" as one reference: a one-line error
     bad = explain(setup, "bad", "--model", "rst-a,rst-b", check=None)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1

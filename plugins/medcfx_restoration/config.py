@@ -45,7 +45,8 @@ DEFAULTS = {
     "foreign": {"data": None, "modalities": None},
     "val_cases": 0.1,  # share of the healthy training cases held out for the validation loss
     "val_slices": 64,  # held-out slices, corrupted with the fold's validation tasks
-    "explain": {"steps": 50, "map": "ssim", "batch_size": 16, "noise_level": 0.5},
+    # samples: restorations per model whose maps are averaged (1: the paper; an ensemble averages each member's)
+    "explain": {"steps": 50, "map": "ssim", "batch_size": 16, "noise_level": 0.5, "samples": 1},
     "presets": {
         "paper": {},
         "demo": {

@@ -55,10 +55,13 @@ class Params:
     steps: int = 50
     map: str = "ssim"
     noise_level: float = 0.5  # baseline only
+    samples: int = 1  # restorations per model whose maps are averaged
 
     def check(self) -> "Params":
         if self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")
+        if self.samples < 1:
+            raise UsageError(f"--samples must be >= 1, got {self.samples}")
         if self.map not in MAP_KINDS:
             raise UsageError(f"--map must be one of {', '.join(MAP_KINDS)}, got {self.map!r}")
         if not 0 < self.noise_level <= 1:
@@ -149,7 +152,11 @@ def restore(member: Member, x: torch.Tensor, params: Params, gen: torch.Generato
 
 
 class Mapper:
-    """x [B, C, S, S] -> (first member's restoration [B, C, S, S], mean anomaly map [B, S, S])."""
+    """x [B, C, S, S] -> (first member's first restoration [B, C, S, S], mean anomaly map [B, S, S]).
+
+    The map is the mean over the members (the paper's fold ensemble) and, with ``params.samples`` > 1, over that
+    many restorations of each, each from its own noise (sample j of member k draws from the stream k + j n,
+    n members), so one model with samples = K maps as the ensemble of K copies of it."""
 
     def __init__(self, members: list[Member], params: Params, seed: int, method: str):
         self.members = members
@@ -162,13 +169,14 @@ class Mapper:
     def __call__(self, x: torch.Tensor, start: int = 0):
         if x.shape[1] != self.channels:
             raise UsageError(f"the model expects {self.channels} channel(s), the input has {x.shape[1]}")
-        first, total = None, None
-        for k, m in enumerate(self.members):
-            r = restore(m, x, self.params, generator(self.seed, k, start), self.method)
-            amap = anomaly_map(x, r, self.params.map)
-            total = amap if total is None else total + amap
-            first = r if first is None else first
-        return first, total / len(self.members)
+        first, total, n = None, None, len(self.members)
+        for j in range(self.params.samples):  # noise stream k + j n: sample j of member k
+            for k, m in enumerate(self.members):
+                r = restore(m, x, self.params, generator(self.seed, k + j * n, start), self.method)
+                amap = anomaly_map(x, r, self.params.map)
+                total = amap if total is None else total + amap
+                first = r if first is None else first
+        return first, total / (n * self.params.samples)
 
     def check_case(self, case):
         """``case``, or a MedcfxError naming it when it is a 2D image and the members scale 2D images by

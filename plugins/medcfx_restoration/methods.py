@@ -41,6 +41,8 @@ def _sampling_options(method: str) -> list[Option]:
         Option("map", str, None, "anomaly map: ssim (1 - SSIM, the paper) or residual (|x - restoration|)",
                choices=("ssim", "residual")),
         Option("batch_size", int, None, "slices per batch (default 16)", bounds="[1, inf)"),
+        Option("samples", int, None, "restorations per model, their maps averaged (default 1, the paper; each is "
+               "one more full sampling run)", bounds="[1, inf)"),
     ]
     if method == BASELINE:
         opts.append(Option("noise_level", float, None, "noise level as a fraction of the steps (default 0.5)",
@@ -76,7 +78,9 @@ def _params(request) -> Params:
     def pick(name):
         return o.get(name) if o.get(name) is not None else ex[name]
 
-    return Params(steps=int(pick("steps")), map=str(pick("map")), noise_level=float(pick("noise_level"))).check()
+    samples = o.get("samples") if o.get("samples") is not None else ex.get("samples", 1)  # older models: 1
+    return Params(steps=int(pick("steps")), map=str(pick("map")), noise_level=float(pick("noise_level")),
+                  samples=int(samples)).check()
 
 
 def _batch_size(request) -> int:
