@@ -8,16 +8,21 @@ Models (trained with the documented commands when a reference is not in the regi
 at 48 x 48, healthy slices of the training set only):
 
     medcfx train restoration --data TRAIN --preset demo --fold 0 --seed 0     -> restoration-fold0
-    medcfx train restoration --data TRAIN --preset demo --fold 9 --seed 9     -> restoration-fold9
+    medcfx train restoration --data TRAIN --preset demo --fold 9 --seed 9     -> restoration-fold9 (each --folds K)
+    medcfx train restoration --data TRAIN --preset demo --fold 0 --seed 1     -> restoration-fold0-s1 (--fold0-seeds)
     medcfx train recon-ddpm  --data TRAIN --preset demo --seed 0              -> recon-ddpm
 
 Evaluations (``medcfx evaluate ... --val VAL``: thresholds calibrated on the validation cases with the row's
 own settings; the same ``--max-slices`` slices per test case for every row, scored on each input's own grid
 inside its foreground, 95 % bootstrap intervals over cases; image score = mean of the map):
 
-    restoration fold 0, 1 - SSIM map (the paper) and |residual| map; fold 9 alone; the ensemble of both folds
-    (fold 0 trains on intra_blend, inter_blend, sink; fold 9 on sink, source, intensity: together all five)
+    every fold model alone and the ensemble of the folds (mean map), each with the 1 - SSIM map (the paper) and
+    the |residual| map (fold 0 trains on intra_blend, inter_blend, sink; fold 5 on intra_blend, source,
+    intensity; fold 9 on sink, source, intensity: together every task, four of them twice); fold 0 of other seeds
+    --samples K: fold 0 and the ensemble again with K restorations per model (maps averaged)
+    --extra "LABEL=REF;...": further registered models (e.g. a longer-trained fold 0) on the same slices
     recon-ddpm: noise level chosen on the VALIDATION set among --levels (best pixel AP), SSIM and residual
+    thresholding of T2 (the models' channel) and of FLAIR (/ median, native grid, 5 x 5 median filter)
 
 Results go to W/results.json and W/results.md (and the docs section with --write-docs); an example figure
 (input, restoration, map, mask for a few test lesions) to docs/img/restoration_demo.png.
@@ -29,15 +34,17 @@ from __future__ import annotations
 
 import argparse
 import json
-
-from common import case_count, grid_text
-from medcfx.evaluation import flat_metrics
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from common import case_count, grid_text
+
+from medcfx.evaluation import flat_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = ("<!-- restoration:start -->", "<!-- restoration:end -->")
@@ -57,13 +64,17 @@ def medcfx(args, env) -> subprocess.CompletedProcess:
     return p
 
 
-def ensure_model(ref: str, train_args: list, env) -> dict:
+def ensure_model(ref: str, train_args: list | None, env) -> dict:
+    """The registry entry of ``ref`` as a dict, trained with ``train_args`` first when it is not registered
+    (``None``: it must be)."""
     from medcfx.registry import Registry
 
     reg = Registry(env["MEDCFX_HOME"])
     try:
         return reg.resolve(ref).to_dict()
     except Exception:  # not registered yet: train it
+        if train_args is None:
+            raise SystemExit(f"{ref} is not registered in {env['MEDCFX_HOME']}")
         medcfx(["train", *train_args, "--name", ref], env)
         return reg.resolve(ref).to_dict()
 
@@ -71,7 +82,8 @@ def ensure_model(ref: str, train_args: list, env) -> dict:
 def evaluate(method: str, model: str, data: Path, out: Path, opts: list, env) -> dict:
     """flat metrics of one evaluate run, plus "intervals" (metric -> ci_low / ci_high); reused when done."""
     if not (out / "metrics.json").exists():
-        medcfx(["evaluate", method, "--model", model, "--data", data, "--out", out, "--device", "cpu", *opts], env)
+        medcfx(["evaluate", method, *(["--model", model] if model else []), "--data", data, "--out", out,
+                "--device", "cpu", *opts], env)
     rep = json.loads((out / "metrics.json").read_text())
     return {**flat_metrics(rep), "intervals": rep["intervals"]}
 
@@ -133,6 +145,12 @@ def main() -> None:
     ap.add_argument("--folds", default="0,9", help="fold models to train and evaluate (two or more: also their ensemble)")
     ap.add_argument("--max-slices", type=int, default=12, help="slices scored per case (spread evenly)")
     ap.add_argument("--fold0-model", default=None, help="use this registered fold-0 restoration model")
+    ap.add_argument("--fold0-seeds", default="", help="other training seeds of the first fold (e.g. 1,2; models "
+                    "restoration-foldK-sS, trained when missing): their rows and the mean +- sd over the seeds")
+    ap.add_argument("--samples", type=int, default=1, help="also rows with this many restorations per model "
+                    "(maps averaged; choose it on the validation set, benchmarks/restoration_study.py)")
+    ap.add_argument("--extra", default="", help="LABEL=REF;... further registered restoration models scored on the "
+                    "same slices (e.g. 'fold 0, 8000 steps=restoration-f0-8k')")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--levels", default="0.2,0.35,0.5", help="baseline noise levels tried on the validation set")
     ap.add_argument("--write-docs", type=Path, default=None)
@@ -158,14 +176,37 @@ def main() -> None:
                                                                     "pixel_ideal_Dice")))
 
     k0 = folds[0]
-    add(f"restoration fold {k0}, 1 - SSIM (paper)", "restoration", name[f"restoration-fold{k0}"], ev, tag=f"f{k0}_ssim")
-    add(f"restoration fold {k0}, absolute residual", "restoration", name[f"restoration-fold{k0}"],
-        ev + ["--map", "residual"], tag=f"f{k0}_res")
-    for k in folds[1:]:
-        add(f"restoration fold {k}, 1 - SSIM", "restoration", name[f"restoration-fold{k}"], ev, tag=f"f{k}_ssim")
+    kinds = (("1 - SSIM (paper)", "ssim", []), ("absolute residual", "res", ["--map", "residual"]))
+    for k in folds:
+        for label, tag, opt in kinds:
+            add(f"restoration fold {k}, {label}", "restoration", name[f"restoration-fold{k}"], ev + opt, tag=f"f{k}_{tag}")
     if len(folds) > 1:
-        add(f"restoration ensemble folds {'+'.join(map(str, folds))}, 1 - SSIM", "restoration",
-            ",".join(name[f"restoration-fold{k}"] for k in folds), ev, tag="ens_ssim")
+        for label, tag, opt in kinds:
+            add(f"restoration ensemble of folds {'+'.join(map(str, folds))}, {label}", "restoration",
+                ",".join(name[f"restoration-fold{k}"] for k in folds), ev + opt, tag=f"ens_{tag}")
+    if a.samples > 1:  # K restorations per model, maps averaged (K chosen on the validation set)
+        K = ["--samples", a.samples]
+        for label, tag, opt in kinds:
+            add(f"restoration fold {k0}, {a.samples} samples, {label}", "restoration", name[f"restoration-fold{k0}"],
+                ev + opt + K, tag=f"f{k0}_k{a.samples}_{tag}")
+        if len(folds) > 1:
+            for label, tag, opt in kinds:
+                add(f"restoration ensemble of folds {'+'.join(map(str, folds))}, {a.samples} samples each, {label}",
+                    "restoration", ",".join(name[f"restoration-fold{k}"] for k in folds), ev + opt + K,
+                    tag=f"ens_k{a.samples}_{tag}")
+    for item in filter(None, a.extra.split(";")):  # further registered models on the same slices
+        label, ref = item.split("=")
+        models[ref] = ensure_model(ref, None, env)
+        for kl, tag, opt in kinds:
+            add(f"restoration {label} ({ref}), {kl}", "restoration", ref, ev + opt, tag=f"{ref}_{tag}")
+    spread = {tag: [rows[folds.index(k0) * 2 + j]] for j, (_, tag, _) in enumerate(kinds)}
+    for sd in [int(x) for x in a.fold0_seeds.split(",") if x]:  # the spread of one fold over training seeds
+        ref = f"restoration-fold{k0}-s{sd}"
+        models[ref] = ensure_model(ref, ["restoration", *common, "--fold", k0, "--seed", sd], env)
+        for label, tag, opt in kinds:
+            add(f"restoration fold {k0}, seed {sd}, {label}", "restoration", f"{ref}:{models[ref]['version']}",
+                ev + opt, tag=f"f{k0}s{sd}_{tag}")
+            spread[tag].append(rows[-1])
     # baseline: the noise level is chosen on the validation set (best pixel AP), then scored on the test set
     val = {}
     for lv in a.levels.split(","):
@@ -179,10 +220,20 @@ def main() -> None:
     add(f"recon-ddpm (level {best}), absolute residual", "recon-ddpm", "recon-ddpm",
         ev + ["--noise-level", best, "--map", "residual"], tag="recon_res")
 
+    # the literature's thresholding baseline on the channel the models read (native grid, / median, 5 x 5 median
+    # filter; --steps is not one of its options), and on FLAIR, which the T2 models never see
+    for ch in ("t2", "flair"):
+        add(f"thresholding {ch.upper() if ch == 't2' else 'FLAIR'} (/ median, native grid, 5 x 5 median filter)",
+            "threshold", None, ["--max-slices", a.max_slices, "--val", a.val, "--channel", ch], tag=f"threshold_{ch}")
+        rows[-1]["seconds_per_slice"] = rows[-1].get("seconds_per_slice") or 0.0
     figure(env, name[f"restoration-fold{k0}"], a.test, a.figure, steps=a.steps)
     train_info = {k: {"steps": v["provenance"].get("steps"), "train_seconds": v["provenance"].get("train_seconds"),
                       "metrics": v["metrics"]} for k, v in models.items()}
-    result = {"rows": rows, "baseline_validation_pixel_AP": val, "models": train_info, "folds": a.folds,
+    seed_spread = ({kind: {key: [r[key] for r in rs] for _, key in COLUMNS} for kind, rs in spread.items()}
+                   if a.fold0_seeds else {})
+    result = {"rows": rows, "baseline_validation_pixel_AP": val, "seed_spread": seed_spread, "samples": a.samples,
+              "extra": a.extra,
+              "fold0_seeds": [0] + [int(x) for x in a.fold0_seeds.split(",") if x], "models": train_info, "folds": a.folds,
               "max_slices": a.max_slices, "steps": a.steps, "slices": rows[0]["slices"], "fold0_model": a.fold0_model,
               "pixels": rows[0]["pixels"], "grid": grid_text(a.test), "train_grid": grid_text(a.train),
               "cases": {"train": case_count(a.train), "val": case_count(a.val), "test": case_count(a.test)},
@@ -193,6 +244,24 @@ def main() -> None:
     print(md)
     if a.write_docs:
         write_docs(a, result, md)
+
+
+def mean_sd(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} +- {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def spread_text(result: dict) -> str:
+    """One line per map kind: mean +- sd (ddof 1) over the first fold's training seeds."""
+    if not result.get("seed_spread"):
+        return ""
+    out = f"Fold {result['folds'].split(',')[0]} over training seeds {', '.join(map(str, result['fold0_seeds']))} (mean +- sd): "
+    parts = []
+    for kind, m in result["seed_spread"].items():
+        parts.append(f"{'1 - SSIM' if kind == 'ssim' else 'residual'}: pixel AP {mean_sd(m['pixel_AUPRC'])}, ideal Dice "
+                     f"{mean_sd(m['pixel_ideal_Dice_oracle'])}, Dice @ val. best {mean_sd(m['pixel_Dice@valDice'])}, "
+                     f"image AUROC {mean_sd(m['image_AUROC'])}")
+    return out + "; ".join(parts) + ".\n\n"
 
 
 def write_docs(a, result: dict, md: str) -> None:
@@ -212,10 +281,10 @@ labels); image score = mean of the map; {result['steps']} DDPM steps. Machine:
 at registration (for a run continued with `--resume`, its last leg only): {', '.join(f'{k} {v}' for k, v in secs.items())}.
 
 {md}
-Baseline validation pixel AP by noise level: {', '.join(f'{k}: {v:.3f}' for k, v in result['baseline_validation_pixel_AP'].items())}.
+{spread_text(result)}Baseline validation pixel AP by noise level: {', '.join(f'{k}: {v:.3f}' for k, v in result['baseline_validation_pixel_AP'].items())}.
 
 Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
---max-slices {result['max_slices']}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''} --write-docs docs/benchmarks.md`
+--max-slices {result['max_slices']}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''} --write-docs docs/benchmarks.md`
 (trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''}).
 {MARK[1]}"""
     path = a.write_docs
