@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -19,3 +20,19 @@ def grid_text(data: Path) -> str:
     img = nib.load(str(next(iter(sorted(Path(data).glob("*/*.nii.gz"))))))
     return (" x ".join(map(str, img.shape[:3])) + " voxels of "
             + " x ".join(f"{float(z):.3g}" for z in img.header.get_zooms()[:3]) + " mm")
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace the block between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->`` of ``path`` with ``body``
+    (appended when the markers are missing; the file is created with a "# Benchmarks" title), atomically;
+    every other section is left as it was."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{body.strip(chr(10))}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.{marker}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- data_prepare:start -->", "<!-- data_prepare:end -->"
 MODS = ("t1", "t1ce", "t2", "flair")
 
 
@@ -131,13 +131,7 @@ def _best(runs: list[dict]) -> dict:
 
 def update_docs(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    section = f"{START}\n{text.rstrip()}\n{END}"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    path.write_text(new)
+    write_section(path, "data_prepare", text)
 
 
 def main() -> None:

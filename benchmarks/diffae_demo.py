@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 MEDCFX = [str(Path(sys.executable).parent / "medcfx")] if (Path(sys.executable).parent / "medcfx").exists() \
     else [sys.executable, "-m", "medcfx"]
@@ -170,22 +172,8 @@ def main() -> None:
     (work / "table.md").write_text(body)
     print("\n" + body)
     if args.write_docs:
-        write_section(ROOT / "docs" / "benchmarks.md", body)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Create or replace this benchmark's block between its markers (other sections are left alone)."""
-    start, end = "<!-- diffae:start -->", "<!-- diffae:end -->"
-    block = f"{start}\n## diffae: vertebra demo (Atad et al. 2024, Table 3 layout)\n\n{body}{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    print(f"wrote the diffae section of {path}")
+        write_section(ROOT / "docs" / "benchmarks.md", "diffae",
+                      "## diffae: vertebra demo (Atad et al. 2024, Table 3 layout)\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_section
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +244,7 @@ def counterfactual_study(args, env, train: Path, test: Path, model_ref: str) -> 
 
 
 def markdown(args, cls: dict | None, cfx: dict | None, meta: dict) -> str:
-    lines = ["<!-- mediffusion:start -->", "## Mediffusion (`benchmarks/mediffusion_demo.py`)", ""]
+    lines = ["## Mediffusion (`benchmarks/mediffusion_demo.py`)", ""]
     lines.append(f"Data: `medcfx data demo chest` at 64 px: {meta['n_train']} training radiographs (seed 0) and a "
                  f"separate test set of {meta['n_test']} (seed 1); findings cardiomegaly, effusion, nodule. "
                  f"Autoencoder {meta['ae']} ({meta.get('ae_metrics', '')}). Machine: {meta['machine']}.")
@@ -296,20 +297,7 @@ def markdown(args, cls: dict | None, cfx: dict | None, meta: dict) -> str:
                          f"{r['own_after']:.2f} | {box} |")
         lines.append("")
     lines.append(f"Reproduce: `{meta['command']}` ({meta['minutes']:.0f} min on this machine).")
-    lines.append("<!-- mediffusion:end -->")
     return "\n".join(lines)
-
-
-def write_docs(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = "<!-- mediffusion:start -->", "<!-- mediffusion:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp-mediffusion")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -372,7 +360,7 @@ def main() -> None:
     print(block)
     (args.work / "section.md").write_text(block + "\n")
     if args.write_docs:
-        write_docs(args.write_docs, block)
+        write_section(args.write_docs, "mediffusion", block)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_section
 
 from medcfx.metrics import PixelMetrics
 
@@ -42,14 +43,9 @@ def main() -> None:
     line = (f"{r['pixels']:.3g} pixels ({args.slices} slices of {args.size}x{args.size}) streamed in {secs:.0f} s; "
             f"peak RSS {rss:.0f} MB (target < 1 GB); AUPRC {r['pixel_AUPRC']:.3f}, ideal Dice {r['pixel_ideal_Dice']:.3f}")
     print(line)
-    section = (f"<!-- metrics_memory:start -->\n## Streamed pixel metrics on a BraTS-sized test set\n\n{line}.\n\n"
-               f"Reproduce: `python benchmarks/metrics_memory.py --slices {args.slices} --size {args.size}`\n"
-               f"<!-- metrics_memory:end -->")
-    bench = ROOT / "docs" / "benchmarks.md"
-    text = bench.read_text()
-    a, z = "<!-- metrics_memory:start -->", "<!-- metrics_memory:end -->"
-    text = (text[: text.index(a)] + section + text[text.index(z) + len(z):]) if a in text else text.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(text)
+    section = (f"## Streamed pixel metrics on a BraTS-sized test set\n\n{line}.\n\n"
+               f"Reproduce: `python benchmarks/metrics_memory.py --slices {args.slices} --size {args.size}`\n")
+    write_section(ROOT / "docs" / "benchmarks.md", "metrics_memory", section)
 
 
 if __name__ == "__main__":

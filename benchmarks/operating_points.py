@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import case_count, grid_text
+from common import case_count, grid_text, write_section
 
 ROWS = [  # (label, evaluate arguments)
     ("threshold (FLAIR / median, native grid, 5 x 5 median filter)", ["threshold"]),
@@ -155,19 +155,6 @@ def main() -> None:
             write_section(args.write_docs, marker, f"## {title} (`benchmarks/operating_points.py`)\n\n{text}")
         else:
             print(text)
-
-
-def write_section(path: Path, marker: str, body: str) -> None:
-    """Replace (or append) the block between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->``; a block
-    is written only from rows that ran, so ``--only`` leaves the other section as it was."""
-    doc = path.read_text()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{body}{end}"
-    if start in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import case_count, grid_text
+from common import case_count, grid_text, write_section
 
 from medcfx.evaluation import flat_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK = ("<!-- restoration:start -->", "<!-- restoration:end -->")
 
 
 def log(msg: str) -> None:
@@ -267,8 +266,7 @@ def spread_text(result: dict) -> str:
 def write_docs(a, result: dict, md: str) -> None:
     models = result["models"]
     secs = {k: v["train_seconds"] for k, v in models.items()}
-    body = f"""{MARK[0]}
-## Restoration (`benchmarks/restoration_demo.py`)
+    body = f"""## Restoration (`benchmarks/restoration_demo.py`)
 
 Synthetic demo brains (T2 only, the models work at 48 x 48): trained on the HEALTHY slices of `brain-train`
 ({result['cases']['train']} cases, {result['train_grid']}); thresholds calibrated and the baseline's noise level
@@ -285,19 +283,9 @@ at registration (for a run continued with `--resume`, its last leg only): {', '.
 
 Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
 --max-slices {result['max_slices']}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''} --write-docs docs/benchmarks.md`
-(trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''}).
-{MARK[1]}"""
-    path = a.write_docs
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK[0] in text and MARK[1] in text:
-        start, end = text.index(MARK[0]), text.index(MARK[1]) + len(MARK[1])
-        text = text[:start] + body + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    log(f"wrote the restoration section of {path}")
+(trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''})."""
+    write_section(a.write_docs, "restoration", body)
+    log(f"wrote the restoration section of {a.write_docs}")
 
 
 if __name__ == "__main__":

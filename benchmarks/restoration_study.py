@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_section
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK = ("<!-- restoration-study:start -->", "<!-- restoration-study:end -->")
 KEYS = ("pixel_AUPRC", "pixel_ideal_Dice_oracle", "image_AUROC")
 
 
@@ -181,12 +181,11 @@ def markdown(result: dict) -> str:
 
 
 def write_docs(path: Path, result: dict, command: str) -> None:
-    """Create or replace this study's block between its markers in ``path``."""
+    """Create or replace this study's section of ``path``."""
     sat, rim = result["channels"]["t2 saturated share"], result["rims"]
     bands = "; ".join(f"outer {k.split()[1]} px: {m['map share on lesion-free pixels']:.1%} of the map on "
                       f"{m['area share of lesion-free pixels']:.1%} of the area" for k, m in rim.items() if k.startswith("band"))
-    body = f"""{MARK[0]}
-## Restoration: why the pixel AP is low (`benchmarks/restoration_study.py`)
+    body = f"""## Restoration: why the pixel AP is low (`benchmarks/restoration_study.py`)
 
 Validation set only (`brain-val`, {result['max_slices']} slices per case spread evenly, scored on each input's own grid
 inside its foreground by the code `medcfx evaluate` uses); model `{result['model']}` ({result['size']} px, T2),
@@ -197,15 +196,8 @@ T2 voxels the model's input normalisation saturates (per-scan 99th percentile, c
 lesion, {sat['other brain']:.2%} of the rest of the brain. Lesion-free map mass in the brain's outer band: {bands}.
 
 Reproduce: `{command}`
-{MARK[1]}"""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK[0] in text and MARK[1] in text:
-        text = text[:text.index(MARK[0])] + body + text[text.index(MARK[1]) + len(MARK[1]):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+"""
+    write_section(path, "restoration-study", body)
     log(f"wrote the restoration-study section of {path}")
 
 

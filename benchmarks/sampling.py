@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
@@ -247,8 +248,7 @@ def write_docs(rows, dice, rss, gflop, steps, args) -> None:
                         for d in dice))
     rl = rss_text(rss) if rss else ""
     cmd = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    section = f"""<!-- sampling:start -->
-## Counterfactual sampling speed (issue: ONNX export and fast sampling)
+    section = f"""## Counterfactual sampling speed (issue: ONNX export and fast sampling)
 
 Paper preset network ({gflop:.1f} GFLOP per forward), fixed seeded weights, L = 75% of {steps} DDIM steps,
 w = 3, dynamic normalisation; this machine ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()}
@@ -257,12 +257,8 @@ threads), all paths in one run. "max heatmap diff" is against the reference path
 {chr(10).join(lines)}
 {dl}{rl}
 Reproduce: `{cmd}`
-<!-- sampling:end -->"""
-    bench = ROOT / "docs" / "benchmarks.md"
-    text = bench.read_text() if bench.exists() else "# Benchmarks\n"
-    a, b = "<!-- sampling:start -->", "<!-- sampling:end -->"
-    text = (text[: text.index(a)] + section + text[text.index(b) + len(b):]) if a in text else text.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(text)
+"""
+    write_section(ROOT / "docs" / "benchmarks.md", "sampling", section)
     print(section)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import case_count, grid_text
+from common import case_count, grid_text, write_section
 from medcfx.evaluation import flat_metrics
 import os
 import subprocess
@@ -163,8 +163,7 @@ def write_docs(args, results, train_seconds) -> None:
                     f"{r['flip']['p_target_after_mean']:.2f}.\n" for r in results if r.get("flip") and r["flip"]["counted"])
     grid = grid_text(args.test)
     cmds = "\n".join(r["command"] for r in results)
-    section = f"""<!-- sanchez:start -->
-## sanchez: Tables 1 and 2 on the demo brains
+    section = f"""## sanchez: Tables 1 and 2 on the demo brains
 
 Synthetic demo brains (`medcfx data demo brain`): trained on `{args.train.name}` ({grid_text(args.train)}), thresholds
 calibrated on `{args.val.name}` ({case_count(args.val)} cases), scored on `{args.test.name}` ({case_count(args.test)} held-out cases,
@@ -193,15 +192,8 @@ Reproduce:
 python benchmarks/sanchez_demo.py --train {args.train} --val {args.val} --test {args.test} --steps {args.steps} --max-slices {args.max_slices} --seed {args.seed}
 {cmds}
 ```
-<!-- sanchez:end -->"""
-    bench = ROOT / "docs" / "benchmarks.md"
-    text = bench.read_text() if bench.exists() else "# Benchmarks\n"
-    start, end = "<!-- sanchez:start -->", "<!-- sanchez:end -->"
-    if start in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(text)
+"""
+    write_section(ROOT / "docs" / "benchmarks.md", "sanchez", section)
     print(section)
 
 
