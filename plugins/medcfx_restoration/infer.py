@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medcfx.data.preprocess import PreprocessConfig
 from medcfx.diffusion import Schedule, decode, sample, static_clip
 from medcfx.errors import MedcfxError, UsageError
 from medcfx.loading import load_state
@@ -95,7 +96,7 @@ def _member_specs(registry, ref: str, method: str) -> list[tuple[object, str, di
 def shared_preprocessing(pre: dict) -> str:
     """What the models of an ensemble must share: their preprocessing without the 2D scaling rule
     ``intensity`` (volumes ignore it; :meth:`Mapper.check_case` refuses 2D images when it differs)."""
-    return str({**pre, "intensity": None})
+    return str({**PreprocessConfig.from_dict(pre).to_dict(), "intensity": None})
 
 
 def load_members(registry, refs: list[str], method: str, device: str, request=None) -> tuple[list[Member], dict]:
@@ -128,7 +129,8 @@ def load_members(registry, refs: list[str], method: str, device: str, request=No
             else:
                 den = denoiser_for(request, entry, model)
             members.append(Member(entry, role, spec.get("ref", entry.ref), model,
-                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold"), den, p.get("intensity")))
+                                  Schedule.create(d["schedule"], d["T"]), spec.get("fold"), den,
+                                  PreprocessConfig.from_dict(p).intensity))  # a missing key: the default
     conditional = {m.model.config.cond_image_channels > 0 for m in members}
     if conditional != {method == METHOD}:
         raise UsageError(f"the models given are not {method} models (image conditioning mismatch)")
