@@ -11,6 +11,8 @@ at 48 x 48, healthy slices of the training set only):
     medcfx train restoration --data TRAIN --preset demo --fold 9 --seed 9     -> restoration-fold9 (each --folds K)
     medcfx train restoration --data TRAIN --preset demo --fold 0 --seed 1     -> restoration-fold0-s1 (--fold0-seeds)
     medcfx train recon-ddpm  --data TRAIN --preset demo --seed 0              -> recon-ddpm
+    (--suffix S appends S to every name, e.g. -8k for the models of the 8000-step preset: restoration-fold5-8k,
+    restoration-fold0-8k-s1, recon-ddpm-8k)
 
 Evaluations (``medcfx evaluate ... --val VAL``: thresholds calibrated on the validation cases with the row's
 own settings; the same ``--max-slices`` slices per test case for every row, scored on each input's own grid
@@ -150,6 +152,8 @@ def main() -> None:
                     "(maps averaged; choose it on the validation set, benchmarks/restoration_study.py)")
     ap.add_argument("--extra", default="", help="LABEL=REF;... further registered restoration models scored on the "
                     "same slices (e.g. 'fold 0, 8000 steps=restoration-f0-8k')")
+    ap.add_argument("--suffix", default="", help="appended to the names of the models trained / looked up here "
+                    "(e.g. -8k: restoration-fold5-8k, restoration-fold0-8k-s1, recon-ddpm-8k)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--levels", default="0.2,0.35,0.5", help="baseline noise levels tried on the validation set")
     ap.add_argument("--write-docs", type=Path, default=None)
@@ -160,11 +164,12 @@ def main() -> None:
     env.setdefault("OMP_NUM_THREADS", "1")
     common = ["--data", a.train, "--preset", "demo", "--device", "cpu", "--runs-dir", a.work / "runs"]
     folds = [int(f) for f in a.folds.split(",")]
-    models = {f"restoration-fold{k}": ensure_model(a.fold0_model if (k == 0 and a.fold0_model) else f"restoration-fold{k}",
+    models = {f"restoration-fold{k}": ensure_model(a.fold0_model if (k == 0 and a.fold0_model) else f"restoration-fold{k}{a.suffix}",
                                                    ["restoration", *common, "--fold", k, "--seed", k], env)
               for k in folds}
     name = {k: f"{v['name']}:{v['version']}" for k, v in models.items()}
-    models["recon-ddpm"] = ensure_model("recon-ddpm", ["recon-ddpm", *common, "--seed", 0], env)
+    recon = f"recon-ddpm{a.suffix}"
+    models[recon] = ensure_model(recon, ["recon-ddpm", *common, "--seed", 0], env)
     ev = ["--max-slices", a.max_slices, "--steps", a.steps, "--seed", 0, "--val", a.val]
     rows = []
 
@@ -200,7 +205,7 @@ def main() -> None:
             add(f"restoration {label} ({ref}), {kl}", "restoration", ref, ev + opt, tag=f"{ref}_{tag}")
     spread = {tag: [rows[folds.index(k0) * 2 + j]] for j, (_, tag, _) in enumerate(kinds)}
     for sd in [int(x) for x in a.fold0_seeds.split(",") if x]:  # the spread of one fold over training seeds
-        ref = f"restoration-fold{k0}-s{sd}"
+        ref = f"restoration-fold{k0}{a.suffix}-s{sd}"
         models[ref] = ensure_model(ref, ["restoration", *common, "--fold", k0, "--seed", sd], env)
         for label, tag, opt in kinds:
             add(f"restoration fold {k0}, seed {sd}, {label}", "restoration", f"{ref}:{models[ref]['version']}",
@@ -209,14 +214,14 @@ def main() -> None:
     # baseline: the noise level is chosen on the validation set (best pixel AP), then scored on the test set
     val = {}
     for lv in a.levels.split(","):
-        m = evaluate("recon-ddpm", "recon-ddpm", a.val, a.work / "eval" / f"recon_val_{lv}",
+        m = evaluate("recon-ddpm", recon, a.val, a.work / "eval" / f"recon_val_{lv}",
                      ["--max-slices", a.max_slices, "--steps", a.steps, "--seed", 0, "--noise-level", lv], env)
         val[lv] = m["pixel_AUPRC"]
         log(f"recon-ddpm level {lv} on validation: pixel AP {m['pixel_AUPRC']:.3f}")
     best = max(val, key=val.get)
-    add(f"recon-ddpm (level {best}), 1 - SSIM", "recon-ddpm", "recon-ddpm", ev + ["--noise-level", best],
+    add(f"recon-ddpm (level {best}), 1 - SSIM", "recon-ddpm", recon, ev + ["--noise-level", best],
         tag="recon_ssim")
-    add(f"recon-ddpm (level {best}), absolute residual", "recon-ddpm", "recon-ddpm",
+    add(f"recon-ddpm (level {best}), absolute residual", "recon-ddpm", recon,
         ev + ["--noise-level", best, "--map", "residual"], tag="recon_res")
 
     # the literature's thresholding baseline on the channel the models read (native grid, / median, 5 x 5 median
@@ -231,7 +236,7 @@ def main() -> None:
     seed_spread = ({kind: {key: [r[key] for r in rs] for _, key in COLUMNS} for kind, rs in spread.items()}
                    if a.fold0_seeds else {})
     result = {"rows": rows, "baseline_validation_pixel_AP": val, "seed_spread": seed_spread, "samples": a.samples,
-              "extra": a.extra,
+              "extra": a.extra, "suffix": a.suffix,
               "fold0_seeds": [0] + [int(x) for x in a.fold0_seeds.split(",") if x], "models": train_info, "folds": a.folds,
               "max_slices": a.max_slices, "steps": a.steps, "slices": rows[0]["slices"], "fold0_model": a.fold0_model,
               "pixels": rows[0]["pixels"], "grid": grid_text(a.test), "train_grid": grid_text(a.train),
@@ -266,6 +271,7 @@ def spread_text(result: dict) -> str:
 def write_docs(a, result: dict, md: str) -> None:
     models = result["models"]
     secs = {k: v["train_seconds"] for k, v in models.items()}
+    trained = " / ".join(str(s) for s in sorted({v["steps"] for v in models.values()}))
     body = f"""## Restoration (`benchmarks/restoration_demo.py`)
 
 Synthetic demo brains (T2 only, the models work at 48 x 48): trained on the HEALTHY slices of `brain-train`
@@ -275,14 +281,14 @@ chosen on `brain-val` ({result['cases']['val']} cases); scored on `brain-test` (
 {result['pixels']} foreground voxels), on each input's own grid inside its foreground; value [95 % percentile-bootstrap
 interval over the test cases, 1000 resamples, seed 0]; "ideal Dice" is the oracle (threshold chosen on the test
 labels); image score = mean of the map; {result['steps']} DDPM steps. Machine:
-{result['machine']}, shared with other jobs. Training: demo preset (2000 steps of 32); wall seconds recorded
+{result['machine']}, shared with other jobs. Training: demo preset, {trained} steps of 32 (each model's steps are in results.json); wall seconds recorded
 at registration (for a run continued with `--resume`, its last leg only): {', '.join(f'{k} {v}' for k, v in secs.items())}.
 
 {md}
 {spread_text(result)}Baseline validation pixel AP by noise level: {', '.join(f'{k}: {v:.3f}' for k, v in result['baseline_validation_pixel_AP'].items())}.
 
 Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
---max-slices {result['max_slices']}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''} --write-docs docs/benchmarks.md`
+--max-slices {result['max_slices']}{' --suffix=' + result['suffix'] if result.get('suffix') else ''}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''} --write-docs docs/benchmarks.md`
 (trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''})."""
     write_section(a.write_docs, "restoration", body)
     log(f"wrote the restoration section of {a.write_docs}")

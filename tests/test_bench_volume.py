@@ -74,7 +74,7 @@ def test_bench_refuses_a_method_without_samplers(home):
     assert p.returncode != 0 and "--sampler paths" in p.stderr, p.stderr
     p = subprocess.run([sys.executable, "-m", "medcfx", "bench", "restoration-demo", "--batch", "1"],
                        capture_output=True, text=True)
-    assert p.returncode == 2 and "restoration-demo:1 is a restoration model" in p.stderr, p.stderr
+    assert p.returncode == 2 and "restoration-demo:2 is a restoration model" in p.stderr, p.stderr
 
 
 def test_measured_peak_rss_is_the_commands_own_not_the_parents():

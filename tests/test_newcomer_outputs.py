@@ -32,7 +32,7 @@ def test_default_output_folders_differ_per_method_and_model(home):
            for m, model in (("sanchez", "sanchez-demo"), ("restoration", "restoration-demo"),
                             ("threshold", None), ("cdpm-healthy", None))}
     assert got[("sanchez", "sanchez-demo")] == base / "sanchez-sanchez-demo-v1"
-    assert got[("restoration", "restoration-demo")] == base / "restoration-restoration-demo-v1"
+    assert got[("restoration", "restoration-demo")] == base / "restoration-restoration-demo-v2"
     assert got[("threshold", None)] == base / "threshold"
     assert len(set(got.values())) == len(got)
 
@@ -107,11 +107,11 @@ def test_a_second_copy_of_a_bundled_model_reuses_the_first(home):
     from medcfx.registry import Registry
 
     reg = Registry(home)
-    bundled = reg.resolve("restoration-demo:1")
+    bundled = reg.resolve("restoration-demo:2")
     first = store_copy(reg, bundled)
-    assert first.ref == "restoration-demo:2" and not first.bundled and first.parent == bundled.ref
+    assert first.ref == "restoration-demo:3" and not first.bundled and first.parent == bundled.ref
     assert store_copy(reg, bundled).ref == first.ref
-    assert [e.ref for e in reg.entries() if e.name == "restoration-demo"] == ["restoration-demo:1", "restoration-demo:2"]
+    assert [e.ref for e in reg.entries() if e.name == "restoration-demo"] == ["restoration-demo:2", "restoration-demo:3"]
 
 
 def test_the_two_exports_are_named_apart_and_pack_is_an_alias(home, toy_site, tmp_path):

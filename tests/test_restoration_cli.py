@@ -166,7 +166,9 @@ def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tm
             check=0)
     s = nib.load(str(tmp_path / "o" / "demo_case" / "heatmap.nii.gz")).get_fdata()
     seg = nib.load(str(sick / "demo_case_seg.nii.gz")).get_fdata() > 0
-    assert float(s[seg].mean()) > 3 * float(s[~seg & (s > 0)].mean())  # the map concentrates on the lesion
+    # the 8000-step demo model (restoration-demo:2): 0.77 in the tumour against 0.06 elsewhere in the brain and 0.04
+    # on a healthy brain; the 2000-step one (0.30 / 0.06) would fail these bounds
+    assert float(s[seg].mean()) > 8 * float(s[~seg & (s > 0)].mean())  # the map concentrates on the lesion
     healthy = make_demo("brain", tmp_path / "h", cases=1, seed=11, shape=(120, 120, 78), tumour_free_fraction=1.0)
     case = next(p for p in healthy.iterdir() if p.is_dir())
     for f in case.iterdir():  # six central slices keep the test short
@@ -176,5 +178,5 @@ def test_bundled_demo_model_marks_the_tumour_and_leaves_a_healthy_brain_quiet(tm
     h = nib.load(str(tmp_path / "o" / case.name / "heatmap.nii.gz")).get_fdata()
     brain = nib.load(str(case / f"{case.name}_t2.nii.gz")).get_fdata() > 0
     lesion = float(s[seg].mean())
-    assert float(h[brain].mean()) < lesion / 3  # a healthy brain scores far below a tumour ...
-    assert float(np.percentile(h[brain], 95)) < lesion  # ... and almost nowhere reaches a tumour's mean
+    assert float(h[brain].mean()) < lesion / 10  # a healthy brain scores far below a tumour ...
+    assert float(np.percentile(h[brain], 95)) < lesion / 2  # ... and almost nowhere reaches half a tumour's mean
