@@ -119,16 +119,17 @@ def _with_ci(m: dict) -> str:
 def cases_reader(cfg: PreprocessConfig, channels: int, options: dict):
     """``cases_of(path)``: the cases of a data folder read one at a time, each restricted to every
     ``options["slice_stride"]``-th sampled slice and at most ``options["max_slices"]`` of them (spread evenly;
-    only those slices' voxels are then scored)."""
+    only those slices' voxels are then scored). ``cases_of(path)`` raises MedcfxError on the call when ``path``
+    cannot be read as a dataset (:func:`medcfx.inputs.iter_cases`), before any case is read."""
     from medcfx.inputs import iter_cases
 
     stride, most = int(options.get("slice_stride") or 1), int(options.get("max_slices") or 0)
 
     def cases_of(path):
-        for case in iter_cases(Path(path), cfg, channels):
-            if stride > 1 or most:
-                case = case.subset(select_rows(len(case.slice_index), stride, most))
-            yield case
+        cases = iter_cases(Path(path), cfg, channels)
+        if stride > 1 or most:
+            return (case.subset(select_rows(len(case.slice_index), stride, most)) for case in cases)
+        return cases
 
     return cases_of
 
@@ -152,6 +153,7 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
 
     thresholds: dict[str, float] = {}
     val = request.extra.get("val")
+    test_cases = cases_of(request.data)  # a test set that cannot be read fails here, before the calibration runs
     if val is not None:
         cal = calibrate_cases(cases_of(val), map_batch, batch_size, request.device, method=method,
                               data_fingerprint=data_fingerprint(val), fpr=float(request.extra.get("fpr") or 0.05),
@@ -177,7 +179,7 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
             checks[case.id] = c
 
     t0 = time.perf_counter()
-    cm = score_cases(cases_of(request.data), map_batch, batch_size, request.device, thresholds, progress=done)
+    cm = score_cases(test_cases, map_batch, batch_size, request.device, thresholds, progress=done)
     seconds = time.perf_counter() - t0
     context.update({"thresholds": thresholds, "slices": slices[0], "seconds": round(seconds, 1),
                     "seconds_per_slice": round(seconds / max(slices[0], 1), 3)})

@@ -206,11 +206,19 @@ def iter_cases(path: Path, cfg: PreprocessConfig, channels: int, log=None,
     case (or the whole ``path``, when it cannot be read as a dataset) is recorded there and the readable
     cases are yielded. ``select(case_id)``: called once per case, in order, before it is read; a case for
     which it returns False is not read (shards, resume).
+
+    Without ``failures``, a ``path`` that cannot be read as a dataset (missing, unsupported, a case without one
+    of the modalities, the wrong number of channels) raises MedcfxError on the call itself, before any case is
+    read, so a command can check its inputs before it starts any work.
     """
     path = Path(path)
-    if failures is None:
-        readers = _case_readers(path, cfg, channels)
-    else:
+    readers = _case_readers(path, cfg, channels) if failures is None else None
+    return _read_cases(path, cfg, channels, readers, log, failures, select)
+
+
+def _read_cases(path: Path, cfg: PreprocessConfig, channels: int, readers, log, failures, select) -> Iterator[InputCase]:
+    """The generator of :func:`iter_cases` (``readers`` listed already, or None: listed here under ``failures``)."""
+    if readers is None:
         readers = []
         with failures.case(str(path), path.name):
             readers = _case_readers(path, cfg, channels)

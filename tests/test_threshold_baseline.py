@@ -117,3 +117,22 @@ def test_bad_threshold_settings_are_refused_before_any_work_and_provenance_says_
     assert prov["params"]["size"] == "native"
     # no model to store a calibration with: the summary says how to get thresholded Dice instead
     assert "medcfx evaluate threshold --val" in json.loads(p.stdout)["calibration"]
+
+
+@pytest.mark.parametrize("method", [["threshold", "--channel", "auto"], ["threshold"],
+                                    ["restoration", "--model", "restoration-demo"]])
+def test_an_unreadable_test_set_is_refused_before_the_validation_pass(tmp_path, home, method):
+    """evaluate --val reads the validation set first (calibration, --channel auto); a test set that cannot be
+    read (a case without a modality) must be refused before that work, not after it. The validation set here
+    holds a corrupt file: had it been read first, the error would name it instead."""
+    _cases(tmp_path / "val", True, 1, seed=1)
+    _cases(tmp_path / "test", True, 2, seed=2)
+    for f in (tmp_path / "val" / "case0").iterdir():
+        f.write_bytes(b"not a NIfTI file")
+    (tmp_path / "test" / "case1" / "case1_t2.nii.gz").unlink()
+    mods = ["--set", "preprocess.modalities=[t1,t2,flair]"] if method[0] == "threshold" else []
+    p = run_cli(["evaluate", *method, "--data", tmp_path / "test", "--val", tmp_path / "val", "--out", tmp_path / "ev",
+                 "--device", "cpu", *mods], env=cli_env(home))
+    assert p.returncode != 0 and "case1 is missing modality t2" in p.stderr, p.stderr
+    assert "val" not in p.stderr.replace(str(tmp_path / "test"), "") and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "ev").exists()

@@ -397,7 +397,9 @@ class Scorer:
         entry = _resolve_entry(request, self.method)
         options, choice = request.options, None
         if self.method == "threshold" and options.get("channel") == "auto":
-            modalities = list(_preprocess(request, None).modalities)
+            cfg = _preprocess(request, None)
+            modalities = list(cfg.modalities)
+            cases_reader(cfg, len(modalities), options)(request.data)  # an unreadable test set: before the val pass
             name, ap = thr.choose_channel(modalities, request.extra.get("val"),
                                           lambda c, val: run_evaluation(request, "threshold", None,
                                                                         {**options, "channel": c}, val)["pixel_AUPRC"])
