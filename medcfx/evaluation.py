@@ -116,17 +116,19 @@ def _with_ci(m: dict) -> str:
     return f"{m['value']:.4f}{ci}"
 
 
-def cases_reader(cfg: PreprocessConfig, channels: int, options: dict):
+def cases_reader(cfg: PreprocessConfig, channels: int, options: dict, log=None):
     """``cases_of(path)``: the cases of a data folder read one at a time, each restricted to every
     ``options["slice_stride"]``-th sampled slice and at most ``options["max_slices"]`` of them (spread evenly;
     only those slices' voxels are then scored). ``cases_of(path)`` raises MedcfxError on the call when ``path``
-    cannot be read as a dataset (:func:`medcfx.inputs.iter_cases`), before any case is read."""
+    cannot be read as a dataset (:func:`medcfx.inputs.iter_cases`), before any case is read. ``log``: called with
+    one line per note of each case (what the readers changed or assumed: a z-scored background, an oblique or
+    header-less volume, a DICOM LUT), as explain says them."""
     from medcfx.inputs import iter_cases
 
     stride, most = int(options.get("slice_stride") or 1), int(options.get("max_slices") or 0)
 
     def cases_of(path):
-        cases = iter_cases(Path(path), cfg, channels)
+        cases = iter_cases(Path(path), cfg, channels, log=log)
         if stride > 1 or most:
             return (case.subset(select_rows(len(case.slice_index), stride, most)) for case in cases)
         return cases

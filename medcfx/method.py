@@ -142,11 +142,19 @@ class Request:
     console: Any = None
     extra: dict = field(default_factory=dict)
     user_config: dict = field(default_factory=dict)  # only the keys the user set (-c file, --set)
+    said: set = field(default_factory=set, repr=False)  # the lines note() printed (shared by copies)
 
     def log(self, message: str) -> None:
         """Print one line to the user (plain text: file names with brackets are not read as markup)."""
         if self.console is not None:
             self.console.print(message, markup=False, highlight=False)
+
+    def note(self, message: str) -> None:
+        """:meth:`log` a line once per command: several passes over the same cases (calibration, the channel
+        sweep of ``--channel auto``) say each reader note once."""
+        if message not in self.said:
+            self.said.add(message)
+            self.log(message)
 
 
 @dataclass

@@ -136,3 +136,19 @@ def test_an_unreadable_test_set_is_refused_before_the_validation_pass(tmp_path, 
     assert p.returncode != 0 and "case1 is missing modality t2" in p.stderr, p.stderr
     assert "val" not in p.stderr.replace(str(tmp_path / "test"), "") and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_says_each_reader_note_once(tmp_path, home):
+    """What the readers noticed about a case (here a z-scored FLAIR whose background is not 0) is said by
+    evaluate as explain says it, once, although --channel auto reads the cases once per channel."""
+    _cases(tmp_path / "val", True, 1, seed=1)
+    _cases(tmp_path / "test", True, 2, seed=2)
+    f = tmp_path / "test" / "case1" / "case1_flair.nii.gz"
+    v = np.asarray(nib.load(str(f)).dataobj, np.float64)
+    _volume(f, ((v - v.mean()) / v.std()).astype(np.float32), np.eye(4))  # z-scored: background = -mean/sd
+    p = run_cli(["evaluate", "threshold", "--channel", "auto", "--data", tmp_path / "test", "--val", tmp_path / "val",
+                 "--out", tmp_path / "ev", "--set", "preprocess.modalities=[t1,t2,flair]", "--n-resamples", "0"],
+                env=cli_env(home), check=0)
+    text = " ".join((p.stdout + p.stderr).split())
+    notes = [ln for ln in text.split("note: ")[1:]]
+    assert len(notes) == 1 and notes[0].startswith("case1:") and "background value" in notes[0], text

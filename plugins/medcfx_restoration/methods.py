@@ -226,7 +226,7 @@ def _scoring(request, method: str, options: dict):
     mapper, pre = _mapper(req, method)
     context = {"slice_stride": options.get("slice_stride") or 1, "max_slices": options.get("max_slices") or 0,
                **mapper.params.__dict__, **mapper.describe()}
-    reader = cases_reader(pre, mapper.channels, options)
+    reader = cases_reader(pre, mapper.channels, options, log=request.note)
     return ((lambda x, start: mapper(x, start=start)[1]), lambda path: map(mapper.check_case, reader(path)),
             _batch_size(req), context)
 

@@ -435,7 +435,8 @@ def _scoring(request, method: str, entry, options: dict):
                **(dict(mapper.params.__dict__) if mapper.params else {
                    **mapper.describe(cfg.modalities[show]),
                    "normalisation": f"x / foreground percentile {cfg.percentile:g}" + (", clipped" if cfg.clip else "")})}
-    return (lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options), bs, context, mapper
+    return ((lambda x, start: mapper(x, channel=show)[1]), cases_reader(cfg, channels, options, log=request.note), bs,
+            context, mapper)
 
 
 def run_evaluation(request, method: str, entry, options: dict, data: Path) -> dict:
