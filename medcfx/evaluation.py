@@ -231,6 +231,22 @@ def _plain_dict(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
+def undefined_metrics(counts: dict) -> list[str]:
+    """Why some metrics of an evaluation are nan, one line per reason, from its ``counts`` (keys
+    ``lesion_pixels``, ``pixels``, ``images``, ``positive_images``): no lesion voxel (or only lesion voxels) in
+    the scored slices leaves the pixel metrics undefined; slices all with or all without a lesion, the image
+    metrics."""
+    out = []
+    lesion, pixels = counts.get("lesion_pixels"), counts.get("pixels")
+    if lesion == 0 or (lesion is not None and lesion == pixels):
+        out.append(f"{'no' if lesion == 0 else 'only'} lesion voxels in the scored slices: pixel AP, AUROC and Dice "
+                   "are undefined (nan); score more slices (--max-slices) or check the segmentations")
+    pos, images = counts.get("positive_images"), counts.get("images")
+    if pos is not None and images and pos in (0, images):
+        out.append(f"{'no' if pos == 0 else 'every'} scored slice has a lesion: image AUROC and AP are undefined (nan)")
+    return out
+
+
 def report(request, method: str, model: str, cm, context: dict, n_resamples: int | None = None,
            per_case_extra: dict[str, dict] | None = None) -> dict:
     """The end of every ``Scorer.evaluate``: the metrics of ``cm`` (a :class:`~medcfx.case_metrics.CaseMetrics`
@@ -266,6 +282,8 @@ def report(request, method: str, model: str, cm, context: dict, n_resamples: int
     md += "\n## Settings\n\n" + "".join(f"- {k}: {v}\n" for k, v in ctx.items())
     staging.atomic_write_bytes(out / "metrics.md", md.encode())
     request.log(f"wrote {out / 'metrics.json'} and metrics.md (per-case rows, settings)")
+    for line in undefined_metrics(summary["counts"]):
+        request.log(f"note: {line}")
     if request.console is not None:
         from rich.table import Table
 

@@ -152,3 +152,23 @@ def test_evaluate_says_each_reader_note_once(tmp_path, home):
     text = " ".join((p.stdout + p.stderr).split())
     notes = [ln for ln in text.split("note: ")[1:]]
     assert len(notes) == 1 and notes[0].startswith("case1:") and "background value" in notes[0], text
+
+
+def test_evaluate_says_why_metrics_are_undefined(tmp_path, home):
+    """A test set whose scored slices hold no lesion voxel gives nan pixel and image metrics; evaluate says
+    why, instead of a table of nan alone."""
+    from medcfx.evaluation import undefined_metrics
+
+    _cases(tmp_path / "test", True, 1, seed=2)
+    seg = tmp_path / "test" / "case0" / "case0_seg.nii.gz"
+    _volume(seg, np.zeros((24, 24, 8), np.uint8), np.eye(4))
+    p = run_cli(["evaluate", "threshold", "--data", tmp_path / "test", "--out", tmp_path / "ev", "--n-resamples", "0",
+                 "--set", "preprocess.modalities=[t1,t2,flair]"], env=cli_env(home), check=0)
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert rep["metrics"]["pixel_AUPRC"] is None and rep["metrics"]["image_AUROC"] is None  # nan is written as null
+    text = " ".join((p.stdout + p.stderr).split())
+    assert "note: no lesion voxels in the scored slices" in text and "note: no scored slice has a lesion" in text
+    # the rule itself: defined metrics say nothing; all-lesion or all-positive sets are undefined too
+    assert undefined_metrics({"lesion_pixels": 5, "pixels": 100, "images": 4, "positive_images": 2}) == []
+    assert len(undefined_metrics({"lesion_pixels": 100, "pixels": 100, "images": 4, "positive_images": 4})) == 2
+    assert len(undefined_metrics(rep["counts"])) == 2
