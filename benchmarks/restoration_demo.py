@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--levels", default="0.2,0.35,0.5", help="baseline noise levels tried on the validation set")
     ap.add_argument("--write-docs", type=Path, default=None)
+    ap.add_argument("--section", default="restoration", help="the docs section (marker) to write; another name keeps "
+                    "the main table, e.g. restoration-2000 for the models of the former 2000-step preset")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "restoration_demo.png")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -272,7 +274,8 @@ def write_docs(a, result: dict, md: str) -> None:
     models = result["models"]
     secs = {k: v["train_seconds"] for k, v in models.items()}
     trained = " / ".join(str(s) for s in sorted({v["steps"] for v in models.values()}))
-    body = f"""## Restoration (`benchmarks/restoration_demo.py`)
+    title = "Restoration" if a.section == "restoration" else f"Restoration, models of {trained} training steps"
+    body = f"""## {title} (`benchmarks/restoration_demo.py`)
 
 Synthetic demo brains (T2 only, the models work at 48 x 48): trained on the HEALTHY slices of `brain-train`
 ({result['cases']['train']} cases, {result['train_grid']}); thresholds calibrated and the baseline's noise level
@@ -288,10 +291,10 @@ at registration (for a run continued with `--resume`, its last leg only): {', '.
 {spread_text(result)}Baseline validation pixel AP by noise level: {', '.join(f'{k}: {v:.3f}' for k, v in result['baseline_validation_pixel_AP'].items())}.
 
 Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
---max-slices {result['max_slices']}{' --suffix=' + result['suffix'] if result.get('suffix') else ''}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''} --write-docs docs/benchmarks.md`
+--max-slices {result['max_slices']}{' --suffix=' + result['suffix'] if result.get('suffix') else ''}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''}{'' if a.section == 'restoration' else ' --section ' + a.section} --write-docs docs/benchmarks.md`
 (trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''})."""
-    write_section(a.write_docs, "restoration", body)
-    log(f"wrote the restoration section of {a.write_docs}")
+    write_section(a.write_docs, a.section, body)
+    log(f"wrote the {a.section} section of {a.write_docs}")
 
 
 if __name__ == "__main__":
