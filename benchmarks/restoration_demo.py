@@ -292,7 +292,7 @@ at registration (for a run continued with `--resume`, its last leg only): {', '.
 
 Reproduce: `python benchmarks/restoration_demo.py --work W --home H --train TRAIN --val VAL --test TEST --folds {result['folds']}
 --max-slices {result['max_slices']}{' --suffix=' + result['suffix'] if result.get('suffix') else ''}{' --samples ' + str(result['samples']) if result['samples'] > 1 else ''}{' --fold0-seeds ' + ','.join(map(str, result['fold0_seeds'][1:])) if result['seed_spread'] else ''}{' --fold0-model ' + result['fold0_model'] if result.get('fold0_model') else ''}{chr(32) + '--extra "' + result['extra'] + '"' if result.get('extra') else ''}{'' if a.section == 'restoration' else ' --section ' + a.section} --write-docs docs/benchmarks.md`
-(trains the fold models and `recon-ddpm` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''})."""
+(trains the fold models and `recon-ddpm{result.get('suffix', '')}` in H when missing{'; fold 0 is ' + result['fold0_model'] + ', trained by the same command' if result.get('fold0_model') else ''})."""
     write_section(a.write_docs, a.section, body)
     log(f"wrote the {a.section} section of {a.write_docs}")
 
