@@ -120,15 +120,18 @@ def cases_reader(cfg: PreprocessConfig, channels: int, options: dict, log=None):
     """``cases_of(path)``: the cases of a data folder read one at a time, each restricted to every
     ``options["slice_stride"]``-th sampled slice and at most ``options["max_slices"]`` of them (spread evenly;
     only those slices' voxels are then scored). ``cases_of(path)`` raises MedcfxError on the call when ``path``
-    cannot be read as a dataset (:func:`medcfx.inputs.iter_cases`), before any case is read. ``log``: called with
-    one line per note of each case (what the readers changed or assumed: a z-scored background, an oblique or
-    header-less volume, a DICOM LUT), as explain says them."""
+    cannot be read as a dataset (:func:`medcfx.inputs.iter_cases`: missing, no known layout, a case without one
+    of the modalities), before any case is read; a file that cannot be decoded is found when its case is read.
+    ``log(line, where)``: called with one line per note of each case (what the readers changed or assumed: a
+    z-scored background, an oblique or header-less volume, a DICOM LUT), as explain says them, and the folder
+    read (so the same note of a same-named case in another set is said again)."""
     from medcfx.inputs import iter_cases
 
     stride, most = int(options.get("slice_stride") or 1), int(options.get("max_slices") or 0)
 
     def cases_of(path):
-        cases = iter_cases(Path(path), cfg, channels, log=log)
+        say = None if log is None else (lambda line: log(line, str(Path(path).absolute())))
+        cases = iter_cases(Path(path), cfg, channels, log=say)
         if stride > 1 or most:
             return (case.subset(select_rows(len(case.slice_index), stride, most)) for case in cases)
         return cases
@@ -155,7 +158,7 @@ def evaluate_cases(request, method: str, entry, map_batch, cases_of, batch_size:
 
     thresholds: dict[str, float] = {}
     val = request.extra.get("val")
-    test_cases = cases_of(request.data)  # a test set that cannot be read fails here, before the calibration runs
+    test_cases = cases_of(request.data)  # an incomplete test set layout fails here, before the calibration runs
     if val is not None:
         cal = calibrate_cases(cases_of(val), map_batch, batch_size, request.device, method=method,
                               data_fingerprint=data_fingerprint(val), fpr=float(request.extra.get("fpr") or 0.05),

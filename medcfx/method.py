@@ -149,11 +149,12 @@ class Request:
         if self.console is not None:
             self.console.print(message, markup=False, highlight=False)
 
-    def note(self, message: str) -> None:
-        """:meth:`log` a line once per command: several passes over the same cases (calibration, the channel
-        sweep of ``--channel auto``) say each reader note once."""
-        if message not in self.said:
-            self.said.add(message)
+    def note(self, message: str, where: str = "") -> None:
+        """:meth:`log` a line once per command and ``where`` (the folder read): several passes over the same
+        cases (calibration, the channel sweep of ``--channel auto``) say each reader note once, and the same
+        note of a same-named case of another folder (the validation set) is said again."""
+        if (where, message) not in self.said:
+            self.said.add((where, message))
             self.log(message)
 
 

@@ -152,6 +152,19 @@ def test_evaluate_says_each_reader_note_once(tmp_path, home):
     text = " ".join((p.stdout + p.stderr).split())
     notes = [ln for ln in text.split("note: ")[1:]]
     assert len(notes) == 1 and notes[0].startswith("case1:") and "background value" in notes[0], text
+    # the same note of a same-named case in the validation set and in the test set: said for each set
+    for folder in (tmp_path / "val", tmp_path / "test"):
+        for f in (folder / "case0").glob("*.nii.gz"):
+            img = nib.load(str(f))
+            img.set_qform(None, code=0)
+            img.set_sform(None, code=0)
+            nib.save(img, str(f))
+    p = run_cli(["evaluate", "threshold", "--channel", "auto", "--data", tmp_path / "test", "--val", tmp_path / "val",
+                 "--out", tmp_path / "ev2", "--set", "preprocess.modalities=[t1,t2,flair]", "--n-resamples", "0"],
+                env=cli_env(home), check=0)
+    text = " ".join((p.stdout + p.stderr).split())
+    header = [n for n in text.split("note: ")[1:] if n.startswith("case0:") and "no orientation" in n]
+    assert len(header) == 2, text  # once for brain-val's case0, once for the test set's
 
 
 def test_evaluate_says_why_metrics_are_undefined(tmp_path, home):
